@@ -1,0 +1,445 @@
+//! The `ChatRelease` custom resource: what a user writes (spec) and what the operator reports
+//! (status). Durations and percentages stay strings here so that a malformed value never stops the
+//! object from deserialising; `settings.rs` turns them into typed values and names the bad field.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Go-style duration as Kubernetes writes them: `30s`, `1m`, `1h30m`, `250ms`.
+const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$')";
+const DURATION_MESSAGE: &str =
+    "must be a duration such as 30s, 1m, 5m or 1h30m (units ms, s, m, h)";
+
+/// A canary release of a chat web app: a stable and a canary Deployment behind one Service, with
+/// traffic split by Istio and every step judged by Prometheus.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "chatrelease.io",
+    version = "v1alpha1",
+    kind = "ChatRelease",
+    plural = "chatreleases",
+    shortname = "chr",
+    namespaced,
+    status = "ChatReleaseStatus",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".status.canaryWeight"}"#,
+    printcolumn = r#"{"name":"Stable","type":"string","jsonPath":".status.stableImage"}"#,
+    printcolumn = r#"{"name":"Canary","type":"string","jsonPath":".status.canaryImage"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatReleaseSpec {
+    /// Size of the stable Deployment, and of the canary while it runs.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub replicas: i32,
+
+    /// The pod template to release. Changing it starts a canary.
+    #[x_kube(validation = kube::core::Rule::new("has(self.spec) && size(self.spec.containers) > 0")
+        .message("template.spec.containers must list at least one container"))]
+    pub template: PodTemplateSpec,
+
+    /// The Service in front of both tracks.
+    #[serde(default)]
+    pub service: ServicePorts,
+
+    /// How traffic reaches the tracks.
+    #[serde(default)]
+    pub traffic: Traffic,
+
+    /// The steps of the canary and their pacing.
+    #[serde(default)]
+    pub strategy: Strategy,
+
+    /// How each step is judged.
+    #[serde(default)]
+    pub analysis: Analysis,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePorts {
+    /// Port the Service listens on.
+    #[serde(default = "default_service_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Container port traffic goes to. Default: the first container's first port, else `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub target_port: Option<i32>,
+}
+
+impl Default for ServicePorts {
+    fn default() -> Self {
+        Self {
+            port: default_service_port(),
+            target_port: None,
+        }
+    }
+}
+
+fn default_service_port() -> i32 {
+    80
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Traffic {
+    /// Istio settings for the VirtualService.
+    #[serde(default)]
+    pub istio: IstioTraffic,
+    /// Requests that always go to the canary while one runs (testers, a premium tier).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canary_match: Vec<HttpMatch>,
+    /// Cookie that keeps a user on the version they first got, both ways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[A-Za-z0-9_-]+$')")
+        .message("stickyCookie must be a cookie name of letters, digits, '-' or '_'"))]
+    pub sticky_cookie: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct IstioTraffic {
+    /// Hosts of the VirtualService. Default: the Service's in-cluster name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Gateways the VirtualService binds to (`namespace/name`). Default: the mesh only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+}
+
+/// A subset of Istio's HTTPMatchRequest: the parts a tester route needs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.headers) || has(self.uri) || has(self.queryParams)")
+    .message("a canaryMatch entry needs headers, uri or queryParams"))]
+pub struct HttpMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, StringMatch>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<StringMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_params: Option<BTreeMap<String, StringMatch>>,
+}
+
+/// Istio's StringMatch: exactly one of exact, prefix or regex (RE2).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("[has(self.exact), has(self.prefix), has(self.regex)].filter(x, x).size() == 1")
+    .message("a string match needs exactly one of exact, prefix or regex"))]
+pub struct StringMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.manualGates.all(g, g in self.steps)")
+    .message("every strategy.manualGates entry must be one of strategy.steps"))]
+pub struct Strategy {
+    /// Canary weights in percent: ascending, each in 1..=100, the last 100.
+    #[serde(default = "default_steps")]
+    #[schemars(length(min = 1, max = 20))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(s, s >= 1 && s <= 100)")
+        .message("each of strategy.steps must be a weight from 1 to 100"))]
+    #[x_kube(validation = kube::core::Rule::new("self.isSorted() && self.all(s, self.exists_one(t, t == s))")
+        .message("strategy.steps must be strictly ascending, such as [5, 25, 50, 100]"))]
+    #[x_kube(validation = kube::core::Rule::new("self[self.size() - 1] == 100")
+        .message("the last of strategy.steps must be 100"))]
+    pub steps: Vec<i32>,
+    /// Time between two analyses (and two steps).
+    #[serde(default = "default_interval")]
+    #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub interval: String,
+    /// Weights the canary enters only after the promote annotation.
+    #[serde(default)]
+    #[schemars(length(max = 20))]
+    pub manual_gates: Vec<i32>,
+    /// How long canary pods keep running after traffic leaves them, so streaming chats finish.
+    #[serde(default = "default_drain_timeout")]
+    #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub drain_timeout: String,
+    /// Canary pods not Ready by then roll back; analysis inconclusive this long pauses.
+    #[serde(default = "default_progress_deadline")]
+    #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub progress_deadline: String,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Self {
+            steps: default_steps(),
+            interval: default_interval(),
+            manual_gates: Vec::new(),
+            drain_timeout: default_drain_timeout(),
+            progress_deadline: default_progress_deadline(),
+        }
+    }
+}
+
+fn default_steps() -> Vec<i32> {
+    vec![5, 25, 50, 100]
+}
+fn default_interval() -> String {
+    "1m".into()
+}
+fn default_drain_timeout() -> String {
+    "5m".into()
+}
+fn default_progress_deadline() -> String {
+    "10m".into()
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Analysis {
+    /// Where to query. Default: the operator's `--prometheus-url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSource>,
+    /// Range of each query. Default: the interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub window: Option<String>,
+    /// Fewer canary requests than this in a window make the analysis inconclusive.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1))]
+    pub min_requests: i64,
+    /// Consecutive failed analyses that roll back.
+    #[serde(default = "default_failure_limit")]
+    #[schemars(range(min = 1))]
+    pub failure_limit: i32,
+    /// A breach that stable shares in the same window is not the canary's fault.
+    #[serde(default = "default_true")]
+    pub compare_to_stable: bool,
+    /// Bound on the share of requests answered 5xx or 470-479.
+    #[serde(default = "default_error_rate")]
+    pub error_rate: ErrorRateBound,
+    /// Bound on the 99th percentile of request duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99: Option<LatencyBound>,
+    /// More checks, each a PromQL query run for both tracks.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub metrics: Vec<CustomMetric>,
+}
+
+impl Default for Analysis {
+    fn default() -> Self {
+        Self {
+            prometheus: None,
+            window: None,
+            min_requests: default_min_requests(),
+            failure_limit: default_failure_limit(),
+            compare_to_stable: true,
+            error_rate: default_error_rate(),
+            latency_p99: None,
+            metrics: Vec::new(),
+        }
+    }
+}
+
+fn default_min_requests() -> i64 {
+    50
+}
+fn default_failure_limit() -> i32 {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+fn default_error_rate() -> ErrorRateBound {
+    ErrorRateBound { max: "1%".into() }
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSource {
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.istio-system:9090`.
+    #[x_kube(validation = kube::core::Rule::new("self.startsWith('http://') || self.startsWith('https://')")
+        .message("analysis.prometheus.address must start with http:// or https://"))]
+    pub address: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorRateBound {
+    /// Highest acceptable error rate, as a percentage: `1%`, `0.5%`.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[0-9]+(\\\\.[0-9]+)?%$') && double(self.substring(0, self.size() - 1)) <= 100.0")
+        .message("analysis.errorRate.max must be a percentage from 0% to 100%, such as 1% or 0.5%"))]
+    pub max: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LatencyBound {
+    /// Highest acceptable P99 request duration, such as `3s` or `800ms`.
+    #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    pub max: String,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.max) || has(self.min)")
+    .message("a custom metric needs max, min or both"))]
+pub struct CustomMetric {
+    /// Name shown in status; unique among the metrics.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("a metric name must be lower-case letters, digits and '-'"))]
+    pub name: String,
+    /// PromQL returning one number; `{{namespace}}`, `{{workload}}` and `{{window}}` are filled in.
+    #[schemars(length(min = 1))]
+    pub query: String,
+    /// The canary's value must not exceed this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+    /// The canary's value must not fall below this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+}
+
+/// Where a ChatRelease stands. `Failed` means the spec cannot be applied.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Phase {
+    #[default]
+    Initializing,
+    Stable,
+    Progressing,
+    Paused,
+    Promoting,
+    Succeeded,
+    RolledBack,
+    Failed,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Why the rollout is paused, so that the right thing resumes it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PauseReason {
+    /// Waiting at a manual gate for the promote annotation.
+    ManualGate,
+    /// The pause annotation is set.
+    Annotation,
+    /// Analysis was inconclusive for longer than progressDeadline.
+    Inconclusive,
+}
+
+/// The outcome of one check, or of one whole analysis.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Inconclusive,
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Inconclusive => "inconclusive",
+        })
+    }
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ChatReleaseStatus {
+    #[serde(default)]
+    pub phase: Phase,
+    #[serde(default)]
+    pub canary_weight: i32,
+    /// Index into strategy.steps of the weight the canary has; absent before the first step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_step: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_image: Option<String>,
+    /// Consecutive failed analyses of the current canary.
+    #[serde(default)]
+    pub failed_checks: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// One sentence: why the last action was taken.
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_analysis: Option<AnalysisRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_reason: Option<PauseReason>,
+    /// When the canary template was applied; its pods must be Ready within progressDeadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_started_at: Option<Time>,
+    /// When the canary entered its current weight; the next analysis is an interval later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Time>,
+    /// Start of the current run of inconclusive analyses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inconclusive_since: Option<Time>,
+    /// When traffic last left the canary; its pods scale to 0 a drainTimeout later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<Time>,
+}
+
+/// One analysis: the numbers behind the verdict.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisRecord {
+    pub time: Time,
+    pub verdict: Verdict,
+    /// The weight the canary had during the window.
+    pub weight: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_requests: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_requests: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckRecord>,
+    /// Why the analysis came out as it did.
+    pub reason: String,
+}
+
+/// One check in one analysis.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckRecord {
+    /// `error-rate`, `latency-p99` or the name of a custom metric.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<f64>,
+    /// The bound as written, with its direction: `<= 1%`, `<= 3000ms`, `>= 0.95`.
+    pub bound: String,
+    /// Unit of canary and stable: `%`, `ms` or empty for custom metrics.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub unit: String,
+    pub verdict: Verdict,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}

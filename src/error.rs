@@ -1,0 +1,64 @@
+//! Errors the operator's I/O can meet, each with the object it concerns.
+
+use crate::settings::SpecError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("{verb} {kind} {namespace}/{name}: {source}")]
+    Kube {
+        verb: &'static str,
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// The spec cannot be used; the user has to change it.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// Something the operator expected is not there (a namespace, a stable Deployment).
+    #[error("{0}")]
+    Missing(String),
+    /// An object could not be turned into JSON for an apply.
+    #[error("serialising {kind} {name}: {source}")]
+    Serialize {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    pub fn kube(
+        verb: &'static str,
+        kind: &'static str,
+        namespace: &str,
+        name: &str,
+        source: kube::Error,
+    ) -> Self {
+        Error::Kube {
+            verb,
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            source: Box::new(source),
+        }
+    }
+
+    /// A short label for metrics and logs: which kind of failure this was.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::Spec(_) => "spec",
+            Error::Missing(_) => "missing",
+            Error::Serialize { .. } => "serialize",
+        }
+    }
+
+    /// The API server refused the object as invalid (HTTP 422): the user's spec is at fault.
+    pub fn is_invalid_object(&self) -> bool {
+        matches!(self, Error::Kube { source, .. } if matches!(source.as_ref(), kube::Error::Api(s) if s.code == 422))
+    }
+}

@@ -1,0 +1,49 @@
+//! What the judge needs from a metrics backend, and the small interface a backend implements.
+//! Prometheus is one implementation (`prometheus.rs`); a test double is another.
+
+use crate::settings::CustomCheck;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// One track's numbers over the analysis window. `None` means the backend returned no data (an
+/// empty vector or NaN), which is never read as zero for a check's value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrackSample {
+    pub requests: Option<f64>,
+    pub errors: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub custom: BTreeMap<String, Option<f64>>,
+}
+
+/// What one analysis saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observations {
+    /// The backend could not be asked; the analysis is inconclusive.
+    Unavailable { reason: String },
+    Sampled {
+        canary: TrackSample,
+        stable: TrackSample,
+    },
+}
+
+/// Which workloads to ask about, and over what window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalysisTarget {
+    pub namespace: String,
+    pub canary_workload: String,
+    pub stable_workload: String,
+    pub window: Duration,
+    pub custom: Vec<CustomCheck>,
+    /// Base URL of the backend for this ChatRelease.
+    pub address: String,
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A metrics backend. `observe` never fails: an unreachable backend is `Observations::Unavailable`,
+/// which the judge treats as inconclusive (hold), never as a pass.
+pub trait MetricsSource: Send + Sync {
+    fn observe<'a>(&'a self, target: &'a AnalysisTarget) -> BoxFuture<'a, Observations>;
+}

@@ -1,0 +1,938 @@
+//! The rollout state machine: spec settings + status + what the world looks like + the analysis
+//! (if one was due) + now → the next action, the new status, and the desired state of the
+//! children. Pure: no Kubernetes calls, no HTTP, no clock. The controller applies the plan; the
+//! `simulate` command runs the very same function on observations from a file.
+
+use crate::annotations::{Command, Commands};
+use crate::crd::{AnalysisRecord, ChatReleaseStatus, PauseReason, Phase, Verdict};
+use crate::judge::{self, Judgement};
+use crate::metrics::Observations;
+use crate::settings::Settings;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use std::time::Duration;
+
+/// How often a settled ChatRelease is looked at again even when nothing happens.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often to look while waiting for pods (Deployment changes also wake the controller).
+pub const POLL_PODS: Duration = Duration::from_secs(5);
+
+/// The state of one Deployment as far as the decision cares.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrackState {
+    /// The `chatrelease.io/revision` label of its pod template.
+    pub revision: Option<String>,
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    pub updated_replicas: i32,
+    /// The Deployment controller has seen the latest spec (observedGeneration >= generation).
+    pub observed: bool,
+}
+
+impl TrackState {
+    /// All `replicas` pods run `revision` and are Ready.
+    pub fn serves(&self, revision: &str, replicas: i32) -> bool {
+        self.observed
+            && self.revision.as_deref() == Some(revision)
+            && self.replicas == replicas
+            && self.updated_replicas >= replicas
+            && self.ready_replicas >= replicas
+    }
+}
+
+/// What the controller saw this reconcile, besides status.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct World {
+    pub generation: Option<i64>,
+    /// Hash of `spec.template`.
+    pub desired_revision: String,
+    pub desired_image: String,
+    pub stable: Option<TrackState>,
+    pub canary: Option<TrackState>,
+    pub commands: Commands,
+}
+
+/// What one Deployment should look like after this reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackPlan {
+    /// Apply `spec.template` with this many replicas.
+    ApplyTemplate { replicas: i32 },
+    /// Keep the template it runs; set its size.
+    Scale { replicas: i32 },
+    /// Leave it exactly as it is (canary pods draining).
+    Keep,
+}
+
+/// The desired state of the children after this reconcile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub stable: TrackPlan,
+    pub canary: TrackPlan,
+    /// Percent of weighted traffic to the canary.
+    pub canary_weight: i32,
+    /// canaryMatch and the sticky canary cookie route to the canary.
+    pub canary_routes: bool,
+}
+
+/// What the decision did, in the words of `simulate` where it has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to do this time.
+    None,
+    /// The stable Deployment is being created or is not Ready yet.
+    Initialize,
+    StartCanary,
+    /// Waiting for canary pods (or for old canary pods to drain before a new canary).
+    AwaitCanary,
+    Advance {
+        from: i32,
+        to: i32,
+    },
+    Hold,
+    /// Waiting for a person: a manual gate or the pause annotation.
+    Wait,
+    Rollback,
+    Promote,
+    /// Stable runs the promoted revision on all its pods; traffic went back to it.
+    FinishPromotion,
+    /// Canary pods scaled to 0 after drainTimeout.
+    Drained,
+}
+
+impl Action {
+    /// The action as `simulate` prints it.
+    pub fn simulate_name(self) -> &'static str {
+        match self {
+            Action::Advance { .. } => "advance",
+            Action::Hold => "hold",
+            Action::Wait => "wait",
+            Action::Rollback => "rollback",
+            Action::Promote => "promote",
+            _ => "none",
+        }
+    }
+}
+
+/// An Event to record on the ChatRelease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// Everything the controller does after one decision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub action: Action,
+    pub status: ChatReleaseStatus,
+    pub plan: Plan,
+    pub notices: Vec<Notice>,
+    /// One-shot annotations to remove, because they were acted on (or cannot be).
+    pub consumed: Vec<Command>,
+    pub requeue_after: Duration,
+}
+
+/// Whether an analysis is due now, so the controller knows to query metrics before deciding.
+pub fn analysis_due(
+    settings: &Settings,
+    status: &ChatReleaseStatus,
+    commands: &Commands,
+    now: Timestamp,
+) -> bool {
+    let in_flight = matches!(status.phase, Phase::Progressing | Phase::Paused);
+    in_flight
+        && status.current_step.is_some()
+        && !commands.pause
+        && !commands.rollback
+        && next_analysis_at(settings, status).is_some_and(|due| now >= due)
+}
+
+/// An interval after the later of the step's start and the last analysis.
+fn next_analysis_at(settings: &Settings, status: &ChatReleaseStatus) -> Option<Timestamp> {
+    let step = status.step_started_at.as_ref().map(|t| t.0);
+    let last = status.last_analysis.as_ref().map(|a| a.time.0);
+    let base = step.into_iter().chain(last).max()?;
+    Some(base + signed(settings.interval))
+}
+
+/// The next action. `observations` is `Some` when an analysis was due and metrics were asked.
+pub fn decide(
+    settings: &Settings,
+    status: &ChatReleaseStatus,
+    world: &World,
+    observations: Option<&Observations>,
+    now: Timestamp,
+) -> Decision {
+    let mut d = Draft::new(settings, status, world, now);
+    match resumable_phase(status) {
+        Phase::Initializing => d.initializing(),
+        Phase::Progressing | Phase::Paused => d.in_flight(observations),
+        Phase::Promoting => d.promoting(),
+        _ => d.settled(),
+    }
+    d.finish()
+}
+
+/// The status for a spec the operator cannot use: traffic stays where it is, nothing is applied.
+pub fn spec_rejected(
+    status: &ChatReleaseStatus,
+    generation: Option<i64>,
+    problem: &str,
+    now: Timestamp,
+) -> ChatReleaseStatus {
+    let mut next = status.clone();
+    next.phase = Phase::Failed;
+    next.observed_generation = generation;
+    next.message = format!(
+        "the spec cannot be applied: {problem}; traffic stays where it is until it is fixed"
+    );
+    next.conditions = conditions(&next, status, now);
+    next
+}
+
+/// `Failed` is left as soon as the spec can be applied again; carry on from what status says.
+fn resumable_phase(status: &ChatReleaseStatus) -> Phase {
+    if status.phase != Phase::Failed {
+        return status.phase;
+    }
+    if status.current_step.is_some() || status.canary_weight > 0 {
+        Phase::Progressing
+    } else if status.stable_revision.is_some() {
+        Phase::Stable
+    } else {
+        Phase::Initializing
+    }
+}
+
+struct Draft<'a> {
+    settings: &'a Settings,
+    before: &'a ChatReleaseStatus,
+    world: &'a World,
+    now: Timestamp,
+    next: ChatReleaseStatus,
+    action: Action,
+    plan: Plan,
+    notices: Vec<Notice>,
+    consumed: Vec<Command>,
+    requeue_after: Duration,
+}
+
+impl<'a> Draft<'a> {
+    fn new(
+        settings: &'a Settings,
+        before: &'a ChatReleaseStatus,
+        world: &'a World,
+        now: Timestamp,
+    ) -> Self {
+        let mut next = before.clone();
+        next.phase = resumable_phase(before);
+        next.observed_generation = world.generation;
+        Self {
+            settings,
+            before,
+            world,
+            now,
+            plan: Plan {
+                stable: TrackPlan::Scale {
+                    replicas: settings.replicas,
+                },
+                canary: TrackPlan::Keep,
+                canary_weight: before.canary_weight,
+                canary_routes: false,
+            },
+            next,
+            action: Action::None,
+            notices: Vec::new(),
+            consumed: Vec::new(),
+            requeue_after: RESYNC,
+        }
+    }
+
+    fn notice(&mut self, reason: &'static str, note: impl Into<String>) {
+        self.notices.push(Notice {
+            warning: false,
+            reason,
+            note: note.into(),
+        });
+    }
+
+    fn warn(&mut self, reason: &'static str, note: impl Into<String>) {
+        self.notices.push(Notice {
+            warning: true,
+            reason,
+            note: note.into(),
+        });
+    }
+
+    fn consume(&mut self, command: Command) {
+        if !self.consumed.contains(&command) {
+            self.consumed.push(command);
+        }
+    }
+
+    /// A one-shot command that does not apply now is removed with an Event saying why.
+    fn ignore(&mut self, command: Command, why: &str) {
+        if self.world.commands.has(command)
+            && command.is_one_shot()
+            && !self.consumed.contains(&command)
+        {
+            self.consume(command);
+            self.notice(
+                "AnnotationIgnored",
+                format!("{} ignored: {why}", command.annotation()),
+            );
+        }
+    }
+
+    fn revision_short(revision: Option<&str>) -> &str {
+        revision.unwrap_or("unknown")
+    }
+
+    fn drain_until(&self) -> Option<Timestamp> {
+        self.next
+            .draining_since
+            .as_ref()
+            .map(|t| t.0 + signed(self.settings.drain_timeout))
+    }
+
+    fn still_draining(&self) -> bool {
+        self.drain_until().is_some_and(|until| self.now < until)
+    }
+
+    fn canary_ready(&self) -> bool {
+        let Some(revision) = self.next.canary_revision.as_deref() else {
+            return false;
+        };
+        self.world
+            .canary
+            .as_ref()
+            .is_some_and(|c| c.serves(revision, self.settings.replicas))
+    }
+
+    fn canary_ready_text(&self) -> String {
+        let ready = self.world.canary.as_ref().map_or(0, |c| c.ready_replicas);
+        format!("{ready}/{} Ready", self.settings.replicas)
+    }
+
+    // ----- phases -----
+
+    fn initializing(&mut self) {
+        self.ignore(Command::Rollback, "no canary is running");
+        self.ignore(Command::Promote, "no canary is waiting at a manual gate");
+        self.ignore(Command::Retry, "no revision was rolled back");
+        let revision = self.world.desired_revision.clone();
+        self.next.stable_revision = Some(revision.clone());
+        self.next.stable_image = Some(self.world.desired_image.clone());
+        self.next.canary_weight = 0;
+        self.plan.stable = TrackPlan::ApplyTemplate {
+            replicas: self.settings.replicas,
+        };
+        self.plan.canary = TrackPlan::ApplyTemplate { replicas: 0 };
+        self.plan.canary_weight = 0;
+        let stable_ready = self
+            .world
+            .stable
+            .as_ref()
+            .is_some_and(|s| s.serves(&revision, self.settings.replicas));
+        if stable_ready {
+            self.next.phase = Phase::Stable;
+            self.next.message = format!(
+                "stable revision {revision} ({}) runs on {} Ready pods and has all traffic",
+                self.world.desired_image, self.settings.replicas
+            );
+            self.notice("StableReady", self.next.message.clone());
+            self.action = Action::None;
+        } else {
+            let ready = self.world.stable.as_ref().map_or(0, |s| s.ready_replicas);
+            self.next.phase = Phase::Initializing;
+            self.next.message = format!(
+                "waiting for stable pods of revision {revision}: {ready}/{} Ready",
+                self.settings.replicas
+            );
+            self.action = Action::Initialize;
+            self.requeue_after = POLL_PODS;
+        }
+    }
+
+    /// Stable, Succeeded or RolledBack: no canary takes traffic. Starts one when the template
+    /// differs from stable, once earlier canary pods have drained.
+    fn settled(&mut self) {
+        self.ignore(Command::Rollback, "no canary is running");
+        self.ignore(Command::Promote, "no canary is waiting at a manual gate");
+        let desired = self.world.desired_revision.clone();
+        let is_stable_template = self.next.stable_revision.as_deref() == Some(desired.as_str());
+        self.plan.stable = if is_stable_template {
+            TrackPlan::ApplyTemplate {
+                replicas: self.settings.replicas,
+            }
+        } else {
+            TrackPlan::Scale {
+                replicas: self.settings.replicas,
+            }
+        };
+        self.plan.canary_weight = 0;
+        self.next.canary_weight = 0;
+        self.drain_canary();
+
+        if is_stable_template {
+            self.ignore(Command::Retry, "the template is the stable revision");
+            return;
+        }
+        let rolled_back = self.next.phase == Phase::RolledBack
+            && self.next.canary_revision.as_deref() == Some(desired.as_str());
+        if rolled_back {
+            if self.world.commands.retry {
+                self.consume(Command::Retry);
+                self.notice("Retry", format!("retrying rolled-back revision {desired}"));
+                self.start_canary_or_wait_for_drain();
+            }
+            return;
+        }
+        self.ignore(Command::Retry, "no revision was rolled back");
+        if self.world.commands.pause {
+            self.next.message = format!("revision {desired} waits: the pause annotation is set");
+            self.action = Action::Wait;
+            return;
+        }
+        self.start_canary_or_wait_for_drain();
+    }
+
+    /// Canary pods keep running for drainTimeout after traffic leaves them, then scale to 0.
+    fn drain_canary(&mut self) {
+        if self.still_draining() {
+            self.plan.canary = TrackPlan::Keep;
+            self.requeue_after = self.requeue_after.min(until(self.now, self.drain_until()));
+        } else {
+            self.plan.canary = TrackPlan::Scale { replicas: 0 };
+            if self.next.draining_since.take().is_some() {
+                self.action = Action::Drained;
+                self.notice(
+                    "CanaryDrained",
+                    format!(
+                        "canary pods scaled to 0 after drainTimeout {}",
+                        humantime::format_duration(self.settings.drain_timeout)
+                    ),
+                );
+            }
+        }
+    }
+
+    fn start_canary_or_wait_for_drain(&mut self) {
+        let desired = self.world.desired_revision.clone();
+        if self.still_draining() {
+            let until = self
+                .drain_until()
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            self.next.message = format!(
+                "revision {desired} starts once the previous canary's pods have drained ({until})"
+            );
+            self.action = Action::AwaitCanary;
+            return;
+        }
+        let n = &mut self.next;
+        n.phase = Phase::Progressing;
+        n.canary_revision = Some(desired.clone());
+        n.canary_image = Some(self.world.desired_image.clone());
+        n.current_step = None;
+        n.canary_weight = 0;
+        n.failed_checks = 0;
+        n.last_analysis = None;
+        n.inconclusive_since = None;
+        n.pause_reason = None;
+        n.step_started_at = None;
+        n.draining_since = None;
+        n.canary_started_at = Some(Time(self.now));
+        n.message = format!(
+            "started canary revision {desired} ({}); waiting for its {} pods to be Ready",
+            self.world.desired_image, self.settings.replicas
+        );
+        self.plan.canary = TrackPlan::ApplyTemplate {
+            replicas: self.settings.replicas,
+        };
+        self.action = Action::StartCanary;
+        self.requeue_after = POLL_PODS;
+        self.notice("CanaryStarted", self.next.message.clone());
+    }
+
+    /// Progressing or Paused: a canary exists and may take traffic.
+    fn in_flight(&mut self, observations: Option<&Observations>) {
+        self.ignore(Command::Retry, "a canary is already running");
+        let desired = self.world.desired_revision.clone();
+        if self.next.canary_revision.as_deref() != Some(desired.as_str()) {
+            return self.template_changed_mid_flight();
+        }
+        self.plan.canary = TrackPlan::ApplyTemplate {
+            replicas: self.settings.replicas,
+        };
+        self.plan.canary_weight = self.next.canary_weight;
+        self.plan.canary_routes = self.next.current_step.is_some();
+
+        if self.world.commands.rollback {
+            self.consume(Command::Rollback);
+            self.notice("RollbackRequested", "rollback requested by annotation");
+            return self.rollback("rolled back by the chatrelease.io/rollback annotation".into());
+        }
+        if self.world.commands.pause {
+            return self.pause_by_annotation();
+        }
+        if self.next.pause_reason == Some(PauseReason::Annotation) {
+            self.next.pause_reason = None;
+            self.next.phase = Phase::Progressing;
+            self.next.message = format!("resumed at weight {}%", self.next.canary_weight);
+            self.notice(
+                "Resumed",
+                "the pause annotation was removed; the rollout goes on",
+            );
+        }
+
+        let Some(step) = self.next.current_step else {
+            return self.await_canary_pods();
+        };
+        let waiting_for_person = matches!(
+            self.next.pause_reason,
+            Some(PauseReason::ManualGate | PauseReason::Inconclusive)
+        );
+        if waiting_for_person && self.world.commands.promote {
+            self.consume(Command::Promote);
+            let from = self.settings.weight_at(Some(step));
+            let reason = format!("promoted by annotation past the wait at {from}%");
+            return self.advance_or_promote(step, reason);
+        }
+        if !waiting_for_person {
+            self.ignore(
+                Command::Promote,
+                "no manual gate is waiting; the canary moves on by analysis",
+            );
+        }
+        match observations {
+            Some(observations) => self.analyse(step, observations),
+            None => {
+                self.requeue_after = until(self.now, next_analysis_at(self.settings, &self.next))
+            }
+        }
+    }
+
+    fn template_changed_mid_flight(&mut self) {
+        let desired = self.world.desired_revision.clone();
+        let old = Self::revision_short(self.next.canary_revision.as_deref()).to_string();
+        let had_traffic = self.next.current_step.is_some() || self.before.canary_weight > 0;
+        if self.next.stable_revision.as_deref() == Some(desired.as_str()) {
+            self.withdraw_traffic();
+            self.next.phase = Phase::Stable;
+            self.next.message = format!(
+                "the template is back at stable revision {desired}; canary {old} withdrawn and its pods drain"
+            );
+            self.action = Action::Rollback;
+            self.notice("CanaryWithdrawn", self.next.message.clone());
+            return;
+        }
+        if had_traffic {
+            self.withdraw_traffic();
+        }
+        self.notice(
+            "CanarySuperseded",
+            format!("canary {old} superseded by revision {desired}; traffic back on stable"),
+        );
+        self.start_canary_or_wait_for_drain();
+        if self.action == Action::AwaitCanary {
+            // Keep the rollout visible as in progress while the old pods drain.
+            self.next.phase = Phase::Progressing;
+            self.next.canary_revision = Some(desired);
+            self.next.canary_image = Some(self.world.desired_image.clone());
+            self.next.current_step = None;
+            self.next.canary_started_at = None;
+            self.next.pause_reason = None;
+            self.plan.canary = TrackPlan::Keep;
+        }
+    }
+
+    /// Traffic leaves the canary in this one write; its pods start draining.
+    fn withdraw_traffic(&mut self) {
+        self.next.canary_weight = 0;
+        self.next.current_step = None;
+        self.next.pause_reason = None;
+        self.next.inconclusive_since = None;
+        self.next.draining_since = Some(Time(self.now));
+        self.plan.canary_weight = 0;
+        self.plan.canary_routes = false;
+        self.plan.canary = TrackPlan::Keep;
+        self.requeue_after = self.requeue_after.min(self.settings.drain_timeout);
+    }
+
+    fn pause_by_annotation(&mut self) {
+        if self.next.pause_reason != Some(PauseReason::Annotation) {
+            self.notice(
+                "Paused",
+                format!(
+                    "paused by annotation at weight {}%",
+                    self.next.canary_weight
+                ),
+            );
+        }
+        self.next.phase = Phase::Paused;
+        self.next.pause_reason = Some(PauseReason::Annotation);
+        self.next.message = format!(
+            "paused by annotation at weight {}%; remove chatrelease.io/pause (kubectl chatrelease resume) to go on",
+            self.next.canary_weight
+        );
+        self.action = Action::Wait;
+        if self.next.current_step.is_none() {
+            // Pods may become Ready meanwhile, but no traffic moves while paused.
+            self.plan.canary_routes = false;
+        }
+    }
+
+    fn await_canary_pods(&mut self) {
+        if self.next.draining_since.is_some() {
+            if self.still_draining() {
+                self.plan.canary = TrackPlan::Keep;
+                self.action = Action::AwaitCanary;
+                self.requeue_after = until(self.now, self.drain_until());
+                return;
+            }
+            // The superseded canary has drained: now its successor's template goes on.
+            self.next.draining_since = None;
+            self.next.canary_started_at = Some(Time(self.now));
+            self.action = Action::StartCanary;
+            self.requeue_after = POLL_PODS;
+            self.next.message = format!(
+                "started canary revision {}; waiting for its {} pods to be Ready",
+                Self::revision_short(self.next.canary_revision.as_deref()),
+                self.settings.replicas
+            );
+            return;
+        }
+        if self.canary_ready() {
+            let first = self.settings.steps[0];
+            if self.settings.is_gated(first) && !self.world.commands.promote {
+                return self
+                    .wait_at_gate(first, format!("canary pods {}", self.canary_ready_text()));
+            }
+            if self.world.commands.promote {
+                self.consume(Command::Promote);
+            }
+            self.plan.canary_routes = true;
+            let reason = format!("canary pods {}", self.canary_ready_text());
+            self.enter_step(0, reason);
+            return;
+        }
+        let started = self
+            .next
+            .canary_started_at
+            .as_ref()
+            .map_or(self.now, |t| t.0);
+        if self.now >= started + signed(self.settings.progress_deadline) {
+            let reason = format!(
+                "canary pods not Ready within progressDeadline {} ({})",
+                humantime::format_duration(self.settings.progress_deadline),
+                self.canary_ready_text()
+            );
+            return self.rollback(reason);
+        }
+        self.plan.canary_routes = false;
+        self.next.message = format!(
+            "waiting for canary revision {} to be Ready: {}",
+            Self::revision_short(self.next.canary_revision.as_deref()),
+            self.canary_ready_text()
+        );
+        self.action = Action::AwaitCanary;
+        self.requeue_after = POLL_PODS;
+    }
+
+    fn analyse(&mut self, step: i32, observations: &Observations) {
+        let judgement = judge::judge(&self.settings.judge, observations);
+        self.record(&judgement);
+        let weight = self.settings.weight_at(Some(step));
+        match judgement.verdict {
+            Verdict::Fail => {
+                self.next.failed_checks += 1;
+                self.next.inconclusive_since = None;
+                let limit = self.settings.judge.failure_limit;
+                let failed = self.next.failed_checks;
+                if failed >= limit {
+                    let reason = format!(
+                        "analysis failed {failed} of {limit} allowed times: {}",
+                        judgement.reason
+                    );
+                    self.rollback(reason);
+                } else {
+                    self.next.message = format!(
+                        "holding at {weight}%: analysis failed ({failed} of {limit} allowed): {}",
+                        judgement.reason
+                    );
+                    self.warn("AnalysisFailed", self.next.message.clone());
+                    self.action = Action::Hold;
+                }
+            }
+            Verdict::Inconclusive => {
+                let since = self
+                    .next
+                    .inconclusive_since
+                    .as_ref()
+                    .map_or(self.now, |t| t.0);
+                self.next.inconclusive_since = Some(Time(since));
+                let too_long = self.now >= since + signed(self.settings.progress_deadline);
+                if too_long && self.next.pause_reason.is_none() {
+                    self.next.phase = Phase::Paused;
+                    self.next.pause_reason = Some(PauseReason::Inconclusive);
+                    self.next.message = format!(
+                        "paused at {weight}%: analysis inconclusive for longer than progressDeadline {} ({}); promote or roll back by hand",
+                        humantime::format_duration(self.settings.progress_deadline),
+                        judgement.reason
+                    );
+                    self.warn("AnalysisInconclusive", self.next.message.clone());
+                } else {
+                    self.next.message = format!("holding at {weight}%: {}", judgement.reason);
+                }
+                self.action = Action::Hold;
+            }
+            Verdict::Pass => {
+                self.next.failed_checks = 0;
+                self.next.inconclusive_since = None;
+                if self.next.pause_reason == Some(PauseReason::Inconclusive) {
+                    self.next.pause_reason = None;
+                    self.next.phase = Phase::Progressing;
+                }
+                if !self.canary_ready() {
+                    self.next.message = format!(
+                        "holding at {weight}%: analysis passed but canary pods are {}",
+                        self.canary_ready_text()
+                    );
+                    self.action = Action::Hold;
+                } else {
+                    self.advance_or_promote(step, judgement.reason);
+                }
+            }
+        }
+        if self.action != Action::Rollback {
+            self.requeue_after = until(self.now, next_analysis_at(self.settings, &self.next));
+        }
+    }
+
+    fn record(&mut self, judgement: &Judgement) {
+        self.next.last_analysis = Some(AnalysisRecord {
+            time: Time(self.now),
+            verdict: judgement.verdict,
+            weight: self.next.canary_weight,
+            canary_requests: judgement.canary_requests.map(f64::round),
+            stable_requests: judgement.stable_requests.map(f64::round),
+            checks: judgement.checks.clone(),
+            reason: judgement.reason.clone(),
+        });
+    }
+
+    /// After a passed analysis (or a person's promote): the next step, a gate, or promotion.
+    fn advance_or_promote(&mut self, step: i32, reason: String) {
+        if step >= self.settings.last_step() {
+            return self.promote(reason);
+        }
+        let next_weight = self.settings.weight_at(Some(step + 1));
+        let passing_gate = self.consumed.contains(&Command::Promote);
+        if self.settings.is_gated(next_weight) && !passing_gate {
+            if self.world.commands.promote {
+                self.consume(Command::Promote);
+            } else {
+                return self.wait_at_gate(next_weight, reason);
+            }
+        }
+        self.enter_step(step + 1, reason);
+    }
+
+    fn enter_step(&mut self, index: i32, reason: String) {
+        let from = self.next.canary_weight;
+        let to = self.settings.weight_at(Some(index));
+        let n = &mut self.next;
+        n.current_step = Some(index);
+        n.canary_weight = to;
+        n.step_started_at = Some(Time(self.now));
+        n.phase = Phase::Progressing;
+        n.pause_reason = None;
+        n.inconclusive_since = None;
+        n.message = format!("{reason}; canary weight {from}% → {to}%");
+        self.plan.canary_weight = to;
+        self.plan.canary_routes = true;
+        self.action = Action::Advance { from, to };
+        self.requeue_after = self.settings.interval;
+        self.notice("Advanced", self.next.message.clone());
+    }
+
+    fn wait_at_gate(&mut self, gate: i32, reason: String) {
+        if self.next.pause_reason != Some(PauseReason::ManualGate) {
+            self.notice(
+                "WaitingAtGate",
+                format!("waiting at the manual gate before {gate}%: kubectl chatrelease promote"),
+            );
+        }
+        self.next.phase = Phase::Paused;
+        self.next.pause_reason = Some(PauseReason::ManualGate);
+        self.next.message = format!(
+            "{reason}; waiting at the manual gate before {gate}% for chatrelease.io/promote (kubectl chatrelease promote)"
+        );
+        self.action = Action::Wait;
+    }
+
+    fn promote(&mut self, reason: String) {
+        let revision = Self::revision_short(self.next.canary_revision.as_deref()).to_string();
+        self.next.phase = Phase::Promoting;
+        self.next.pause_reason = None;
+        self.next.message = format!(
+            "{reason}; promoting revision {revision}: stable gets its template and traffic returns to stable once all {} stable pods are Ready",
+            self.settings.replicas
+        );
+        self.plan.stable = TrackPlan::ApplyTemplate {
+            replicas: self.settings.replicas,
+        };
+        self.plan.canary_weight = self.next.canary_weight;
+        self.plan.canary_routes = true;
+        self.action = Action::Promote;
+        self.requeue_after = POLL_PODS;
+        self.notice("Promoting", self.next.message.clone());
+    }
+
+    fn rollback(&mut self, reason: String) {
+        let stable = Self::revision_short(self.next.stable_revision.as_deref()).to_string();
+        self.withdraw_traffic();
+        self.next.phase = Phase::RolledBack;
+        let until = self
+            .drain_until()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        self.next.message = format!(
+            "{reason}; all traffic on stable revision {stable}, canary pods drain until {until}"
+        );
+        self.action = Action::Rollback;
+        self.warn("RolledBack", self.next.message.clone());
+    }
+
+    /// Stable is getting the canary's template; traffic stays on the canary until stable is whole.
+    fn promoting(&mut self) {
+        self.ignore(Command::Promote, "promotion is already under way");
+        self.ignore(Command::Retry, "promotion is under way");
+        if self.world.commands.rollback {
+            self.consume(Command::Rollback);
+            self.warn(
+                "RollbackRefused",
+                "promotion is under way and stable already runs the new template; apply the previous template to go back",
+            );
+        }
+        let revision = self.next.canary_revision.clone().unwrap_or_default();
+        let template_is_canary = self.world.desired_revision == revision;
+        self.plan.stable = if template_is_canary {
+            TrackPlan::ApplyTemplate {
+                replicas: self.settings.replicas,
+            }
+        } else {
+            TrackPlan::Scale {
+                replicas: self.settings.replicas,
+            }
+        };
+        self.plan.canary = TrackPlan::Keep;
+        self.plan.canary_weight = self.next.canary_weight;
+        self.plan.canary_routes = true;
+        let stable = self.world.stable.clone().unwrap_or_default();
+        if stable.serves(&revision, self.settings.replicas) {
+            let image = self.next.canary_image.clone().unwrap_or_default();
+            self.withdraw_traffic();
+            let n = &mut self.next;
+            n.phase = Phase::Succeeded;
+            n.stable_revision = Some(revision.clone());
+            n.stable_image = Some(image.clone());
+            let until = self
+                .drain_until()
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            self.next.message = format!(
+                "revision {revision} ({image}) promoted: stable runs it on {} Ready pods with all traffic; canary pods drain until {until}",
+                self.settings.replicas
+            );
+            self.action = Action::FinishPromotion;
+            self.notice("Succeeded", self.next.message.clone());
+        } else {
+            self.next.message = format!(
+                "promoting revision {revision}: stable has {}/{} pods of it Ready; traffic stays on the canary until all are",
+                if stable.revision.as_deref() == Some(revision.as_str()) {
+                    stable.ready_replicas.min(stable.updated_replicas)
+                } else {
+                    0
+                },
+                self.settings.replicas
+            );
+            self.requeue_after = POLL_PODS;
+        }
+    }
+
+    fn finish(mut self) -> Decision {
+        if self.action == Action::None
+            && self.next.phase == self.before.phase
+            && self.next.message.is_empty()
+        {
+            self.next.message = self.before.message.clone();
+        }
+        self.next.conditions = conditions(&self.next, self.before, self.now);
+        Decision {
+            action: self.action,
+            status: self.next,
+            plan: self.plan,
+            notices: self.notices,
+            consumed: self.consumed,
+            requeue_after: self.requeue_after.max(Duration::from_secs(1)),
+        }
+    }
+}
+
+fn signed(d: Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+}
+
+/// Time from now until `at`, or a resync if there is nothing to wait for.
+fn until(now: Timestamp, at: Option<Timestamp>) -> Duration {
+    match at {
+        Some(at) => Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO),
+        None => RESYNC,
+    }
+}
+
+/// `Ready` and `Progressing`, keeping lastTransitionTime while a condition's status holds.
+fn conditions(
+    next: &ChatReleaseStatus,
+    before: &ChatReleaseStatus,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let (ready, ready_reason) = match next.phase {
+        Phase::Failed => ("False", "SpecRejected"),
+        Phase::Initializing => ("False", "StableNotReady"),
+        _ => ("True", "StableServing"),
+    };
+    let (progressing, progressing_reason) = match next.phase {
+        Phase::Progressing => ("True", "CanaryProgressing"),
+        Phase::Paused => ("True", "CanaryPaused"),
+        Phase::Promoting => ("True", "Promoting"),
+        Phase::Succeeded => ("False", "Succeeded"),
+        Phase::RolledBack => ("False", "RolledBack"),
+        Phase::Failed => ("False", "SpecRejected"),
+        Phase::Initializing | Phase::Stable => ("False", "NoCanary"),
+    };
+    [
+        ("Ready", ready, ready_reason),
+        ("Progressing", progressing, progressing_reason),
+    ]
+    .into_iter()
+    .map(|(kind, state, reason)| {
+        let previous = before.conditions.iter().find(|c| c.type_ == kind);
+        let since = match previous {
+            Some(p) if p.status == state => p.last_transition_time.clone(),
+            _ => Time(now),
+        };
+        Condition {
+            type_: kind.into(),
+            status: state.into(),
+            reason: reason.into(),
+            message: next.message.clone(),
+            observed_generation: next.observed_generation,
+            last_transition_time: since,
+        }
+    })
+    .collect()
+}

@@ -1,0 +1,235 @@
+//! The Deployments and the Service a ChatRelease owns: how they are named, labelled and built, and
+//! how a Deployment's state reads for the rollout decision.
+
+use crate::annotations::{LABEL_MANAGED_BY, LABEL_NAME, LABEL_REVISION, LABEL_TRACK, MANAGER};
+use crate::crd::ChatRelease;
+use crate::rollout::TrackState;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// One of the two versions that serve a ChatRelease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Track {
+    Stable,
+    Canary,
+}
+
+impl Track {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Track::Stable => "stable",
+            Track::Canary => "canary",
+        }
+    }
+
+    /// `<name>-stable` or `<name>-canary`: also Istio's `destination_workload` for the track.
+    pub fn workload_name(self, release: &str) -> String {
+        format!("{release}-{}", self.as_str())
+    }
+}
+
+/// Hash of a pod template: the revision a track runs. Short, stable across operator versions.
+pub fn revision_of(template: &PodTemplateSpec) -> String {
+    // serde_json writes struct fields in declaration order and maps sorted: stable bytes.
+    let bytes = serde_json::to_vec(template).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The images a template runs, comma-separated, for status and `kubectl get`.
+pub fn image_of(template: &PodTemplateSpec) -> String {
+    template
+        .spec
+        .as_ref()
+        .map(|pod| {
+            pod.containers
+                .iter()
+                .filter_map(|c| c.image.clone())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+fn owned_meta(release: &ChatRelease, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: release.namespace(),
+        labels: Some(BTreeMap::from([
+            (LABEL_NAME.to_string(), release.name_any()),
+            (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
+        ])),
+        owner_references: release.controller_owner_ref(&()).map(|r| vec![r]),
+        ..Default::default()
+    }
+}
+
+pub fn selector_labels(release: &ChatRelease, track: Track) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_NAME.to_string(), release.name_any()),
+        (LABEL_TRACK.to_string(), track.as_str().to_string()),
+    ])
+}
+
+/// A track's Deployment running `template` (the spec's, or the one a track already runs).
+pub fn deployment(
+    release: &ChatRelease,
+    track: Track,
+    template: &PodTemplateSpec,
+    revision: &str,
+    replicas: i32,
+) -> Deployment {
+    let mut template = template.clone();
+    let meta = template.metadata.get_or_insert_with(Default::default);
+    let labels = meta.labels.get_or_insert_with(Default::default);
+    labels.extend(selector_labels(release, track));
+    labels.insert(LABEL_REVISION.to_string(), revision.to_string());
+    let mut object_meta = owned_meta(release, track.workload_name(&release.name_any()));
+    if let Some(l) = object_meta.labels.as_mut() {
+        l.insert(LABEL_TRACK.to_string(), track.as_str().to_string());
+        l.insert(LABEL_REVISION.to_string(), revision.to_string());
+    }
+    Deployment {
+        metadata: object_meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(release, track)),
+                ..Default::default()
+            },
+            template,
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The port pods listen on: `service.targetPort`, else the first container's first port.
+pub fn target_port(release: &ChatRelease) -> i32 {
+    let spec = &release.spec;
+    spec.service.target_port.unwrap_or_else(|| {
+        spec.template
+            .spec
+            .as_ref()
+            .and_then(|pod| pod.containers.first())
+            .and_then(|c| c.ports.as_ref())
+            .and_then(|ports| ports.first())
+            .map_or(spec.service.port, |p| p.container_port)
+    })
+}
+
+/// The Service `<name>` selecting both tracks. The port is named `http` so Istio treats it as HTTP.
+pub fn service(release: &ChatRelease) -> Service {
+    Service {
+        metadata: owned_meta(release, release.name_any()),
+        spec: Some(ServiceSpec {
+            selector: Some(BTreeMap::from([(
+                LABEL_NAME.to_string(),
+                release.name_any(),
+            )])),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: release.spec.service.port,
+                target_port: Some(IntOrString::Int(target_port(release))),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// How a live Deployment reads for the decision.
+pub fn track_state(deployment: &Deployment) -> TrackState {
+    let spec = deployment.spec.as_ref();
+    let status = deployment.status.as_ref();
+    let generation = deployment.metadata.generation.unwrap_or(0);
+    TrackState {
+        revision: spec
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.labels.as_ref())
+            .and_then(|l| l.get(LABEL_REVISION).cloned()),
+        replicas: spec.and_then(|s| s.replicas).unwrap_or(1),
+        ready_replicas: status.and_then(|s| s.ready_replicas).unwrap_or(0),
+        updated_replicas: status.and_then(|s| s.updated_replicas).unwrap_or(0),
+        observed: status.and_then(|s| s.observed_generation).unwrap_or(0) >= generation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ChatRelease;
+
+    fn release() -> ChatRelease {
+        let mut r: ChatRelease = serde_json::from_value(serde_json::json!({
+            "apiVersion": "chatrelease.io/v1alpha1", "kind": "ChatRelease",
+            "metadata": {"name": "lobe-chat", "namespace": "chat", "uid": "u-1"},
+            "spec": {"template": {"metadata": {"labels": {"team": "chat"}},
+                     "spec": {"containers": [{"name": "app", "image": "lobehub/lobe-chat:v1", "ports": [{"containerPort": 3210}]}]}}}
+        }))
+        .unwrap();
+        r.metadata.uid = Some("u-1".into());
+        r
+    }
+
+    #[test]
+    fn revision_changes_with_the_template_only() {
+        let r = release();
+        let a = revision_of(&r.spec.template);
+        assert_eq!(a.len(), 10);
+        assert_eq!(a, revision_of(&r.spec.template.clone()));
+        let mut t = r.spec.template.clone();
+        t.spec.as_mut().unwrap().containers[0].image = Some("lobehub/lobe-chat:v2".into());
+        assert_ne!(a, revision_of(&t));
+    }
+
+    #[test]
+    fn deployment_pods_carry_name_track_and_revision_and_keep_user_labels() {
+        let r = release();
+        let d = deployment(&r, Track::Canary, &r.spec.template, "abc", 2);
+        assert_eq!(d.metadata.name.as_deref(), Some("lobe-chat-canary"));
+        let owner = &d.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("ChatRelease", Some(true))
+        );
+        let labels = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(labels[LABEL_NAME], "lobe-chat");
+        assert_eq!(labels[LABEL_TRACK], "canary");
+        assert_eq!(labels[LABEL_REVISION], "abc");
+        assert_eq!(labels["team"], "chat");
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
+    }
+
+    #[test]
+    fn service_selects_both_tracks_and_targets_the_container_port() {
+        let s = service(&release());
+        let spec = s.spec.unwrap();
+        assert_eq!(
+            spec.selector.unwrap(),
+            BTreeMap::from([(LABEL_NAME.to_string(), "lobe-chat".to_string())])
+        );
+        let port = &spec.ports.unwrap()[0];
+        assert_eq!(
+            (port.port, port.target_port.clone()),
+            (80, Some(IntOrString::Int(3210)))
+        );
+    }
+}
