@@ -102,6 +102,7 @@ pub struct Traffic {
     pub canary_match: Vec<HttpMatch>,
     /// Cookie that keeps a user on the version they first got, both ways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
     #[x_kube(validation = kube::core::Rule::new("self.matches('^[A-Za-z0-9_-]+$')")
         .message("stickyCookie must be a cookie name of letters, digits, '-' or '_'"))]
     pub sticky_cookie: Option<String>,
@@ -163,6 +164,7 @@ pub struct Strategy {
     pub steps: Vec<i32>,
     /// Time between two analyses (and two steps).
     #[serde(default = "default_interval")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub interval: String,
     /// Weights the canary enters only after the promote annotation.
@@ -171,10 +173,12 @@ pub struct Strategy {
     pub manual_gates: Vec<i32>,
     /// How long canary pods keep running after traffic leaves them, so streaming chats finish.
     #[serde(default = "default_drain_timeout")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub drain_timeout: String,
     /// Canary pods not Ready by then roll back; analysis inconclusive this long pauses.
     #[serde(default = "default_progress_deadline")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub progress_deadline: String,
 }
@@ -212,6 +216,7 @@ pub struct Analysis {
     pub prometheus: Option<PrometheusSource>,
     /// Range of each query. Default: the interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub window: Option<String>,
     /// Fewer canary requests than this in a window make the analysis inconclusive.
@@ -234,6 +239,8 @@ pub struct Analysis {
     /// More checks, each a PromQL query run for both tracks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(m, self.exists_one(n, n.name == m.name))")
+        .message("analysis.metrics names must be unique"))]
     pub metrics: Vec<CustomMetric>,
 }
 
@@ -269,6 +276,7 @@ fn default_error_rate() -> ErrorRateBound {
 #[serde(rename_all = "camelCase")]
 pub struct PrometheusSource {
     /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.istio-system:9090`.
+    #[schemars(length(max = 2048))]
     #[x_kube(validation = kube::core::Rule::new("self.startsWith('http://') || self.startsWith('https://')")
         .message("analysis.prometheus.address must start with http:// or https://"))]
     pub address: String,
@@ -278,6 +286,7 @@ pub struct PrometheusSource {
 #[serde(rename_all = "camelCase")]
 pub struct ErrorRateBound {
     /// Highest acceptable error rate, as a percentage: `1%`, `0.5%`.
+    #[schemars(length(max = 16))]
     #[x_kube(validation = kube::core::Rule::new("self.matches('^[0-9]+(\\\\.[0-9]+)?%$') && double(self.substring(0, self.size() - 1)) <= 100.0")
         .message("analysis.errorRate.max must be a percentage from 0% to 100%, such as 1% or 0.5%"))]
     pub max: String,
@@ -287,6 +296,7 @@ pub struct ErrorRateBound {
 #[serde(rename_all = "camelCase")]
 pub struct LatencyBound {
     /// Highest acceptable P99 request duration, such as `3s` or `800ms`.
+    #[schemars(length(max = 32))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
     pub max: String,
 }
@@ -297,6 +307,7 @@ pub struct LatencyBound {
     .message("a custom metric needs max, min or both"))]
 pub struct CustomMetric {
     /// Name shown in status; unique among the metrics.
+    #[schemars(length(min = 1, max = 63))]
     #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
         .message("a metric name must be lower-case letters, digits and '-'"))]
     pub name: String,

@@ -5,13 +5,12 @@
 //! The types below hold only the fields the operator writes, checked against Istio's
 //! `networking.istio.io/v1` CRDs; the rest of Istio's API is deliberately left out.
 
-use crate::annotations::{LABEL_MANAGED_BY, LABEL_NAME, LABEL_TRACK, MANAGER};
+use crate::annotations::{LABEL_TRACK, MANAGER};
 use crate::crd::{ChatRelease, HttpMatch, StringMatch};
 use crate::error::Error;
 use crate::metrics::BoxFuture;
 use crate::router::{Routes, TrafficRouter};
-use crate::workload::Track;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use crate::workload::{self, Track};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{CustomResource, Resource, ResourceExt};
 use serde::{Deserialize, Serialize};
@@ -137,19 +136,6 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
 }
 
-fn owned_meta(release: &ChatRelease) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(release.name_any()),
-        namespace: release.namespace(),
-        labels: Some(BTreeMap::from([
-            (LABEL_NAME.to_string(), release.name_any()),
-            (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
-        ])),
-        owner_references: release.controller_owner_ref(&()).map(|r| vec![r]),
-        ..Default::default()
-    }
-}
-
 /// The DestinationRule `<name>`: subsets `stable` and `canary` of the Service `<name>`, by the
 /// label `chatrelease.io/track`.
 pub fn destination_rule(release: &ChatRelease) -> DestinationRule {
@@ -158,7 +144,7 @@ pub fn destination_rule(release: &ChatRelease) -> DestinationRule {
         labels: BTreeMap::from([(LABEL_TRACK.to_string(), track.as_str().to_string())]),
     };
     DestinationRule {
-        metadata: owned_meta(release),
+        metadata: workload::owned_meta(release, release.name_any()),
         spec: DestinationRuleSpec {
             host: release.name_any(),
             subsets: vec![subset(Track::Stable), subset(Track::Canary)],
@@ -313,7 +299,7 @@ pub fn virtual_service(release: &ChatRelease, routes: &Routes) -> VirtualService
     });
 
     VirtualService {
-        metadata: owned_meta(release),
+        metadata: workload::owned_meta(release, release.name_any()),
         spec: VirtualServiceSpec {
             hosts: hosts(release),
             // Copied as written: Istio drops the implicit "mesh" once gateways are listed, and
@@ -713,7 +699,7 @@ mod tests {
             assert_eq!(owner.name, "lobe-chat");
             assert_eq!(owner.uid, "u-1");
             assert_eq!(owner.controller, Some(true));
-            assert_eq!(meta.labels.as_ref().unwrap()[LABEL_MANAGED_BY], MANAGER);
+            assert_eq!(meta.labels.as_ref().unwrap()[crate::annotations::LABEL_MANAGED_BY], MANAGER);
         }
     }
 

@@ -4,10 +4,20 @@
 //! the I/O around it.
 
 pub mod annotations;
+pub mod cli;
 pub mod crd;
+pub mod crd_yaml;
+pub mod controller;
 pub mod error;
+#[cfg(test)]
+mod fixtures;
+pub mod istio;
 pub mod judge;
+pub mod meshsim;
 pub mod metrics;
+pub mod prometheus;
+#[cfg(test)]
+mod reconcile_tests;
 pub mod rollout;
 pub mod router;
 pub mod settings;

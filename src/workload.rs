@@ -56,7 +56,9 @@ pub fn image_of(template: &PodTemplateSpec) -> String {
         .unwrap_or_default()
 }
 
-fn owned_meta(release: &ChatRelease, name: String) -> ObjectMeta {
+/// Metadata every child carries: name, namespace, our labels and the controller owner reference
+/// that makes Kubernetes delete it with its ChatRelease.
+pub fn owned_meta(release: &ChatRelease, name: String) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: release.namespace(),

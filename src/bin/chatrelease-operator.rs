@@ -1,1 +1,110 @@
-fn main() {}
+//! `chatrelease-operator run` runs the controller; `chatrelease-operator crd` prints the CRD.
+
+use chatrelease::controller::{self, Context};
+use chatrelease::istio::IstioRouter;
+use chatrelease::prometheus::PrometheusSource;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Canary releases for LLM chat apps with Istio and Prometheus"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller against the current kubeconfig or in-cluster config.
+    Run(RunArgs),
+    /// Print the ChatRelease CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Prometheus for ChatReleases that do not name one in spec.analysis.prometheus.address.
+    #[arg(
+        long,
+        env = "PROMETHEUS_URL",
+        default_value = "http://prometheus.istio-system:9090"
+    )]
+    prometheus_url: String,
+    /// Longest a single Prometheus query may take before the analysis counts as inconclusive.
+    #[arg(long, env = "PROMETHEUS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    prometheus_timeout: Duration,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    // kube and the Prometheus client both use rustls; one process-wide provider avoids the
+    // "could not determine the process-level CryptoProvider" panic at the first TLS connection.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => match chatrelease::crd_yaml::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => {
+                    eprintln!("error: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(run(args))
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(args: RunArgs) -> ExitCode {
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(error) => {
+            tracing::error!(%error, "cannot connect to the Kubernetes API; check KUBECONFIG or the in-cluster service account");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(prometheus = %args.prometheus_url, "chatrelease-operator starting");
+    let router = Arc::new(IstioRouter::new(client.clone()));
+    let metrics = Arc::new(PrometheusSource::new(args.prometheus_timeout));
+    let prometheus_url = args.prometheus_url.clone();
+    let ctx_client = client.clone();
+    controller::run(client, move |deployments| {
+        Context::new(ctx_client, deployments, router, metrics, prometheus_url)
+    })
+    .await;
+    tracing::info!("chatrelease-operator stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,340 @@
+//! The reconciler: reads what is there, asks `rollout::decide` what should be, applies the plan
+//! (server-side apply, one field manager), writes status once, removes acted-on annotations and
+//! records Events. All deciding happens in `rollout`; this file only does I/O.
+
+use crate::annotations::{Command, Commands, MANAGER};
+use crate::crd::{ChatRelease, ChatReleaseStatus, Phase};
+use crate::error::Error;
+use crate::metrics::{AnalysisTarget, MetricsSource};
+use crate::rollout::{self, Decision, Plan, TrackPlan, World};
+use crate::router::{Routes, TrafficRouter};
+use crate::settings::Settings;
+use crate::workload::{self, Track};
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{Instrument, info, info_span, warn};
+
+/// How long to wait before retrying a reconcile that failed.
+pub const ERROR_REQUEUE: Duration = Duration::from_secs(10);
+
+/// A clock, so tests can set the time the decision sees.
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// Optional hooks for whoever wants to observe reconciles (the metrics exporter).
+pub trait ReconcileObserver: Send + Sync {
+    fn reconciled(&self, _release: &ChatRelease, _decision: &Decision, _took: Duration) {}
+    fn failed(&self, _release: &ChatRelease, _error: &Error) {}
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    /// Deployments the operator owns, kept current by a reflector.
+    pub deployments: Store<Deployment>,
+    pub router: Arc<dyn TrafficRouter>,
+    pub metrics: Arc<dyn MetricsSource>,
+    pub recorder: Recorder,
+    /// Prometheus address for ChatReleases that name none.
+    pub default_prometheus: String,
+    pub clock: Clock,
+    pub observer: Option<Arc<dyn ReconcileObserver>>,
+}
+
+impl Context {
+    pub fn new(client: Client, deployments: Store<Deployment>, router: Arc<dyn TrafficRouter>, metrics: Arc<dyn MetricsSource>, default_prometheus: String) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            deployments,
+            router,
+            metrics,
+            default_prometheus,
+            clock: Arc::new(Timestamp::now),
+            observer: None,
+        }
+    }
+}
+
+/// Runs the controller until a termination signal.
+pub async fn run(client: Client, ctx_builder: impl FnOnce(Store<Deployment>) -> Context) {
+    let releases = Api::<ChatRelease>::all(client.clone());
+    let owned = watcher::Config::default().labels(&format!("{}={MANAGER}", crate::annotations::LABEL_MANAGED_BY));
+    let (deployments, writer) = reflector::store();
+    let deployment_events = reflector::reflector(writer, watcher(Api::<Deployment>::all(client.clone()), owned.clone()))
+        .default_backoff()
+        .touched_objects();
+    let ctx = Arc::new(ctx_builder(deployments));
+    Controller::new(releases, watcher::Config::default().any_semantic())
+        .owns_stream(deployment_events)
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<crate::istio::VirtualService>::all(client), owned)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(error) = result {
+                warn!(%error, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// One reconcile of one ChatRelease.
+pub async fn reconcile(release: Arc<ChatRelease>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!("reconcile", chatrelease = %release.name_any(), namespace = release.namespace().unwrap_or_default());
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&release, &ctx).instrument(span).await;
+    match (&result, &ctx.observer) {
+        (Ok((_, Some(decision))), Some(observer)) => observer.reconciled(&release, decision, started.elapsed()),
+        (Err(error), Some(observer)) => observer.failed(&release, error),
+        _ => {}
+    }
+    result.map(|(action, _)| action)
+}
+
+/// Logs and retries soon; a failed reconcile never crashes the operator.
+pub fn error_policy(release: Arc<ChatRelease>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(chatrelease = %release.name_any(), %error, kind = error.metric_label(), "reconcile failed; retrying");
+    if let Some(observer) = &ctx.observer {
+        observer.failed(&release, error);
+    }
+    Action::requeue(ERROR_REQUEUE)
+}
+
+async fn reconcile_inner(release: &ChatRelease, ctx: &Context) -> Result<(Action, Option<Decision>), Error> {
+    let namespace = release.namespace().ok_or_else(|| Error::Missing(format!("ChatRelease {} has no namespace", release.name_any())))?;
+    let name = release.name_any();
+    let now = (ctx.clock)();
+    let status = release.status.clone().unwrap_or_default();
+
+    let settings = match Settings::from_spec(&release.spec) {
+        Ok(settings) => settings,
+        Err(problem) => {
+            let next = rollout::spec_rejected(&status, release.metadata.generation, &problem.to_string(), now);
+            if status.phase != Phase::Failed || status.message != next.message {
+                publish(ctx, release, true, "SpecRejected", &next.message).await;
+            }
+            write_status(ctx, release, &status, &next).await?;
+            return Ok((Action::requeue(rollout::RESYNC), None));
+        }
+    };
+
+    let world = World {
+        generation: release.metadata.generation,
+        desired_revision: workload::revision_of(&release.spec.template),
+        desired_image: workload::image_of(&release.spec.template),
+        stable: deployment(ctx, &namespace, &name, Track::Stable).as_deref().map(workload::track_state),
+        canary: deployment(ctx, &namespace, &name, Track::Canary).as_deref().map(workload::track_state),
+        commands: Commands::from_annotations(release.annotations()),
+    };
+    let observations = if rollout::analysis_due(&settings, &status, &world.commands, now) {
+        let target = analysis_target(release, &settings, &namespace, &name, &ctx.default_prometheus);
+        Some(ctx.metrics.observe(&target).await)
+    } else {
+        None
+    };
+    let decision = rollout::decide(&settings, &status, &world, observations.as_ref(), now);
+    if decision.action != rollout::Action::None {
+        info!(action = ?decision.action, phase = %decision.status.phase, weight = decision.status.canary_weight, message = %decision.status.message, "decided");
+    }
+
+    match apply_plan(ctx, release, &decision).await {
+        Ok(()) => {}
+        Err(error) if error.is_invalid_object() => {
+            // The API server refused what the spec asks for: the user must change the spec.
+            let next = rollout::spec_rejected(&status, release.metadata.generation, &error.to_string(), now);
+            if status.phase != Phase::Failed {
+                publish(ctx, release, true, "SpecRejected", &next.message).await;
+            }
+            write_status(ctx, release, &status, &next).await?;
+            return Ok((Action::requeue(rollout::RESYNC), None));
+        }
+        Err(error) => return Err(error),
+    }
+    write_status(ctx, release, &status, &decision.status).await?;
+    remove_annotations(ctx, release, &decision.consumed).await?;
+    for notice in &decision.notices {
+        publish(ctx, release, notice.warning, notice.reason, &notice.note).await;
+    }
+    Ok((Action::requeue(decision.requeue_after), Some(decision)))
+}
+
+fn deployment(ctx: &Context, namespace: &str, release: &str, track: Track) -> Option<Arc<Deployment>> {
+    ctx.deployments.get(&ObjectRef::new(&track.workload_name(release)).within(namespace))
+}
+
+fn analysis_target(release: &ChatRelease, settings: &Settings, namespace: &str, name: &str, default_prometheus: &str) -> AnalysisTarget {
+    AnalysisTarget {
+        namespace: namespace.to_string(),
+        canary_workload: Track::Canary.workload_name(name),
+        stable_workload: Track::Stable.workload_name(name),
+        window: settings.window,
+        custom: settings.judge.custom.clone(),
+        address: release
+            .spec
+            .analysis
+            .prometheus
+            .as_ref()
+            .map_or_else(|| default_prometheus.to_string(), |p| p.address.clone()),
+    }
+}
+
+/// Service, routing, then Deployments. The traffic split is written before any Deployment
+/// changes: traffic only ever leaves a canary whose template is about to change, and only moves
+/// to pods the decision has seen Ready.
+async fn apply_plan(ctx: &Context, release: &ChatRelease, decision: &Decision) -> Result<(), Error> {
+    let namespace = release.namespace().unwrap_or_default();
+    let service = workload::service(release);
+    apply(ctx, &namespace, &service).await?;
+    ctx.router.reconcile(release).await?;
+    let status = &decision.status;
+    let routes = routes_for(&decision.plan, status);
+    ctx.router.set_routes(release, &routes).await?;
+    apply_track(ctx, release, Track::Stable, decision.plan.stable, status).await?;
+    apply_track(ctx, release, Track::Canary, decision.plan.canary, status).await?;
+    Ok(())
+}
+
+fn routes_for(plan: &Plan, status: &ChatReleaseStatus) -> Routes {
+    Routes {
+        canary_weight: plan.canary_weight,
+        canary_routes: plan.canary_routes,
+        stable_revision: status.stable_revision.clone(),
+        canary_revision: status.canary_revision.clone(),
+    }
+}
+
+async fn apply_track(ctx: &Context, release: &ChatRelease, track: Track, plan: TrackPlan, status: &ChatReleaseStatus) -> Result<(), Error> {
+    let namespace = release.namespace().unwrap_or_default();
+    let name = track.workload_name(&release.name_any());
+    let live = deployment(ctx, &namespace, &release.name_any(), track);
+    let live_state = live.as_deref().map(workload::track_state);
+    match plan {
+        TrackPlan::Keep => Ok(()),
+        TrackPlan::ApplyTemplate { replicas } => {
+            let revision = workload::revision_of(&release.spec.template);
+            let up_to_date = live_state.as_ref().is_some_and(|s| s.revision.as_deref() == Some(revision.as_str()) && s.replicas == replicas);
+            if up_to_date {
+                return Ok(());
+            }
+            info!(track = track.as_str(), %revision, replicas, "applying pod template");
+            let object = workload::deployment(release, track, &release.spec.template, &revision, replicas);
+            apply(ctx, &namespace, &object).await
+        }
+        TrackPlan::Scale { replicas } => match live_state {
+            Some(state) if state.replicas == replicas => Ok(()),
+            Some(_) => {
+                info!(track = track.as_str(), replicas, "scaling");
+                let api = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace);
+                let patch = Patch::Merge(json!({"spec": {"replicas": replicas}}));
+                api.patch_scale(&name, &PatchParams::default(), &patch)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Error::kube("scale", "Deployment", &namespace, &name, e))
+            }
+            None if replicas == 0 => Ok(()),
+            None if track == Track::Stable => Err(Error::Missing(format!(
+                "Deployment {namespace}/{name} is gone while stable revision {} is not the spec's template; restore it or set the template back",
+                status.stable_revision.as_deref().unwrap_or("unknown")
+            ))),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Server-side apply with the operator's one field manager.
+async fn apply<K>(ctx: &Context, namespace: &str, object: &K) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = object.meta().name.clone().unwrap_or_default();
+    let api = Api::<K>::namespaced(ctx.client.clone(), namespace);
+    let mut value = serde_json::to_value(object).map_err(|source| Error::Serialize { kind: kind_of::<K>(), name: name.clone(), source })?;
+    value["apiVersion"] = json!(K::api_version(&()));
+    value["kind"] = json!(K::kind(&()));
+    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(value))
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::kube("apply", kind_of::<K>(), namespace, &name, e))
+}
+
+fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Deployment" => "Deployment",
+        "Service" => "Service",
+        _ => "object",
+    }
+}
+
+/// One status write per reconcile, and none when nothing changed.
+async fn write_status(ctx: &Context, release: &ChatRelease, before: &ChatReleaseStatus, next: &ChatReleaseStatus) -> Result<(), Error> {
+    if before == next && release.status.is_some() {
+        return Ok(());
+    }
+    let namespace = release.namespace().unwrap_or_default();
+    let name = release.name_any();
+    let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
+    let patch = Patch::Apply(json!({
+        "apiVersion": ChatRelease::api_version(&()),
+        "kind": ChatRelease::kind(&()),
+        "status": next,
+    }));
+    api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &patch)
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::kube("update status of", "ChatRelease", &namespace, &name, e))
+}
+
+/// Removes one-shot annotations the decision acted on. The `test` op makes sure a value a person
+/// set meanwhile is not removed unseen.
+async fn remove_annotations(ctx: &Context, release: &ChatRelease, consumed: &[Command]) -> Result<(), Error> {
+    let present = release.annotations();
+    let ops: Vec<serde_json::Value> = consumed
+        .iter()
+        .filter(|c| c.is_one_shot())
+        .filter_map(|c| present.get(c.annotation()).map(|value| (c.annotation(), value)))
+        .flat_map(|(key, value)| {
+            let path = format!("/metadata/annotations/{}", key.replace('~', "~0").replace('/', "~1"));
+            [json!({"op": "test", "path": path, "value": value}), json!({"op": "remove", "path": path})]
+        })
+        .collect();
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let namespace = release.namespace().unwrap_or_default();
+    let name = release.name_any();
+    let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
+    let patch: json_patch::Patch = serde_json::from_value(json!(ops)).map_err(|source| Error::Serialize { kind: "object", name: name.clone(), source })?;
+    api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::kube("remove annotations from", "ChatRelease", &namespace, &name, e))
+}
+
+/// Events are best effort: failing to record one must not stop a rollback.
+async fn publish(ctx: &Context, release: &ChatRelease, warning: bool, reason: &str, note: &str) {
+    let event = Event {
+        type_: if warning { EventType::Warning } else { EventType::Normal },
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, &release.object_ref(&())).await {
+        warn!(%error, reason, "could not record Event");
+    }
+}

@@ -1,0 +1,233 @@
+//! The reconciler against a mocked API server: what it writes, in which order, and with which
+//! field manager, for the flows a user relies on.
+
+use crate::annotations::{LABEL_REVISION, ROLLBACK};
+use crate::crd::{ChatRelease, Phase};
+use crate::fixtures::*;
+use crate::workload::Track;
+use jiff::{SignedDuration, Timestamp};
+use std::sync::atomic::Ordering;
+
+fn t0() -> Timestamp {
+    "2026-11-21T12:00:00Z".parse().expect("timestamp")
+}
+
+fn minutes(m: i64) -> SignedDuration {
+    SignedDuration::from_secs(m * 60)
+}
+
+fn last_status(h: &Harness) -> crate::crd::ChatReleaseStatus {
+    h.server.status_writes().pop().expect("a status write")
+}
+
+fn event_reasons(h: &Harness) -> Vec<String> {
+    h.server.events().iter().map(|e| e["reason"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+#[tokio::test]
+async fn first_apply_runs_stable_only_with_all_traffic_on_it() {
+    let release = ChatRelease::test("v1");
+    let mut h = Harness::new(&release, t0());
+    h.reconcile().await;
+
+    let vs = h.server.virtual_service_writes();
+    assert_eq!(vs.len(), 1);
+    assert_eq!(split(&vs[0]), (100, 0));
+    let stable = h.server.deployment_applies(Track::Stable);
+    assert_eq!(stable.len(), 1);
+    assert_eq!(stable[0]["spec"]["replicas"], 2);
+    assert_eq!(stable[0]["spec"]["template"]["spec"]["containers"][0]["image"], "lobehub/lobe-chat:v1");
+    assert!(owner_is_release(&stable[0]));
+    let canary = h.server.deployment_applies(Track::Canary);
+    assert_eq!(canary[0]["spec"]["replicas"], 0, "the canary Deployment exists with no pods");
+    assert!(h.server.calls().iter().any(|c| c.is("PATCH", "/services/lobe-chat?")));
+    assert!(h.server.calls().iter().any(|c| c.is("PATCH", "/destinationrules/lobe-chat?")));
+    for call in h.server.writes().iter().filter(|c| c.uri.contains("fieldManager")) {
+        assert_eq!(field_manager(call).as_deref(), Some(OPERATOR), "{}", call.uri);
+    }
+    assert_eq!(last_status(&h).phase, Phase::Initializing);
+
+    h.set_deployment(deployment(&release, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&release, Track::Canary, 0, 0));
+    h.reconcile().await;
+    let status = last_status(&h);
+    assert_eq!(status.phase, Phase::Stable);
+    assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v1"));
+    assert!(h.server.deployment_applies(Track::Stable).is_empty(), "an up-to-date Deployment is not re-applied");
+    assert!(event_reasons(&h).contains(&"StableReady".to_string()));
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready condition");
+    assert_eq!(ready.status, "True");
+}
+
+#[tokio::test]
+async fn template_change_starts_a_canary_that_gets_weight_only_once_its_pods_are_ready() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let mut h = Harness::new(&v1.clone().with_status(settled_status(&v1)), t0());
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v1, Track::Canary, 0, 0));
+    h.user_applies(&v2);
+
+    h.reconcile().await;
+    let canary = h.server.deployment_applies(Track::Canary);
+    assert_eq!(canary.len(), 1);
+    assert_eq!(canary[0]["spec"]["template"]["spec"]["containers"][0]["image"], "lobehub/lobe-chat:v2");
+    assert_eq!(applied_revision(&canary[0]), v2.revision());
+    assert_eq!(canary[0]["spec"]["replicas"], 2);
+    assert!(h.server.deployment_applies(Track::Stable).is_empty(), "stable keeps v1");
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0));
+    let status = last_status(&h);
+    assert_eq!((status.phase, status.canary_weight), (Phase::Progressing, 0));
+    assert_eq!(status.canary_revision, Some(v2.revision()));
+
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 1));
+    h.reconcile().await;
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0), "no weight to pods that are not Ready");
+    assert!(last_status(&h).message.contains("1/2 Ready"), "{}", last_status(&h).message);
+
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    h.reconcile().await;
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (95, 5));
+    let status = last_status(&h);
+    assert_eq!((status.canary_weight, status.current_step), (5, Some(0)));
+    assert!(event_reasons(&h).contains(&"Advanced".to_string()));
+}
+
+#[tokio::test]
+async fn canary_pods_not_ready_by_the_progress_deadline_roll_back() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let mut h = Harness::new(&v1.clone().with_status(settled_status(&v1)), t0());
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.user_applies(&v2);
+    h.reconcile().await;
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 0));
+
+    h.set_time(t0() + minutes(9));
+    h.reconcile().await;
+    assert_eq!(last_status(&h).phase, Phase::Progressing);
+
+    h.set_time(t0() + minutes(10));
+    h.reconcile().await;
+    let status = last_status(&h);
+    assert_eq!(status.phase, Phase::RolledBack);
+    assert!(status.message.contains("not Ready within progressDeadline"), "{}", status.message);
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0));
+}
+
+#[tokio::test]
+async fn rollback_annotation_moves_all_traffic_in_one_virtualservice_write() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let at_25 = v2.clone().with_status(canary_status(&v1, &v2, 1, t0())).annotated(ROLLBACK);
+    let mut h = Harness::new(&at_25, t0() + SignedDuration::from_secs(20));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+
+    h.reconcile().await;
+    let vs = h.server.virtual_service_writes();
+    assert_eq!(vs.len(), 1, "one write of the VirtualService");
+    assert_eq!(split(&vs[0]), (100, 0));
+    let routes = vs[0]["spec"]["http"].as_array().expect("routes");
+    assert_eq!(routes.len(), 1, "no canary-match or canary-cookie route is left: {routes:?}");
+
+    let status = last_status(&h);
+    assert_eq!((status.phase, status.canary_weight), (Phase::RolledBack, 0));
+    assert!(status.message.contains("rolled back by the chatrelease.io/rollback annotation"));
+
+    let removal = h.server.calls().into_iter().find(|c| c.is("PATCH", "/chatreleases/lobe-chat?")).expect("annotation removal");
+    assert_eq!(removal.body[0]["op"], "test");
+    assert_eq!(removal.body[1], serde_json::json!({"op": "remove", "path": "/metadata/annotations/chatrelease.io~1rollback"}));
+    let rolled_back = h.server.events().into_iter().find(|e| e["reason"] == "RolledBack").expect("RolledBack event");
+    assert_eq!(rolled_back["type"], "Warning");
+
+    assert!(h.server.deployment_applies(Track::Canary).is_empty() && h.server.scale_writes(Track::Canary).is_empty(), "canary pods stay to drain");
+    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 0, "no analysis when rolling back");
+}
+
+#[tokio::test]
+async fn promotion_updates_stable_first_returns_traffic_when_it_is_whole_then_drains_the_canary() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let at_100 = v2.clone().with_status(canary_status(&v1, &v2, 3, t0()));
+    let mut h = Harness::new(&at_100, t0() + minutes(1));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+
+    h.reconcile().await;
+    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 1);
+    let stable = h.server.deployment_applies(Track::Stable);
+    assert_eq!(stable.len(), 1, "stable gets the new template");
+    assert_eq!(applied_revision(&stable[0]), v2.revision());
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (0, 100), "traffic stays on the canary meanwhile");
+    assert_eq!(last_status(&h).phase, Phase::Promoting);
+
+    let mut rolling = deployment(&v2, Track::Stable, 2, 1);
+    rolling.status.as_mut().expect("status").updated_replicas = Some(1);
+    h.set_deployment(rolling);
+    h.set_time(t0() + minutes(2));
+    h.reconcile().await;
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (0, 100), "stable is not whole yet");
+
+    h.set_deployment(deployment(&v2, Track::Stable, 2, 2));
+    h.reconcile().await;
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0));
+    let status = last_status(&h);
+    assert_eq!(status.phase, Phase::Succeeded);
+    assert_eq!(status.stable_revision, Some(v2.revision()));
+    assert!(h.server.scale_writes(Track::Canary).is_empty(), "canary pods drain first");
+
+    h.set_time(t0() + minutes(6));
+    h.reconcile().await;
+    assert!(h.server.scale_writes(Track::Canary).is_empty(), "still within drainTimeout");
+
+    h.set_time(t0() + minutes(7));
+    h.reconcile().await;
+    let scale = h.server.scale_writes(Track::Canary);
+    assert_eq!(scale.len(), 1);
+    assert_eq!(scale[0]["spec"]["replicas"], 0);
+    assert!(event_reasons(&h).contains(&"CanaryDrained".to_string()));
+}
+
+#[tokio::test]
+async fn one_analysis_per_interval_even_across_a_restart() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let at_5 = v2.clone().with_status(canary_status(&v1, &v2, 0, t0()));
+    let mut h = Harness::new(&at_5, t0() + SignedDuration::from_secs(59));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+
+    h.reconcile().await;
+    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 0, "not due before the interval");
+    h.set_time(t0() + minutes(1));
+    h.reconcile().await;
+    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 1);
+    assert_eq!(last_status(&h).canary_weight, 25);
+    // A restarted operator reads the same status: the step just taken is not analysed again.
+    h.reconcile().await;
+    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 1);
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (75, 25));
+}
+
+#[tokio::test]
+async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
+    let v1 = ChatRelease::test("v1");
+    let mut bad = ChatRelease::test("v2");
+    bad.spec.strategy.steps = vec![50, 25, 100];
+    let mut h = Harness::new(&v1.clone().with_status(settled_status(&v1)), t0());
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.user_applies(&bad);
+
+    h.reconcile().await;
+    let status = last_status(&h);
+    assert_eq!(status.phase, Phase::Failed);
+    assert!(status.message.contains("spec.strategy.steps"), "{}", status.message);
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready condition");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SpecRejected"));
+    assert!(event_reasons(&h).contains(&"SpecRejected".to_string()));
+    let writes: Vec<_> = h.server.writes().into_iter().filter(|c| !c.uri.contains("/status")).collect();
+    assert!(writes.is_empty(), "nothing but status is written: {writes:?}");
+    assert_eq!(h.stored().spec.strategy.steps, vec![50, 25, 100], "the user's spec is left as written");
+    let _ = LABEL_REVISION;
+}
