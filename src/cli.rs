@@ -1,0 +1,854 @@
+//! `kubectl chatrelease`: the kubectl plugin a person steers a ChatRelease with. `simulate` runs the
+//! rollout on a scenario file with no cluster; `status` shows where a release stands; `promote`,
+//! `rollback`, `pause`, `resume` and `retry` set or remove the annotations the operator acts on.
+//!
+//! What is printed is built by pure functions (`render_status`, `steer_patch`, `steer_message`) so
+//! that tests read it without a cluster; the async functions only fetch, patch and watch.
+
+use crate::annotations::{Command, PAUSE};
+use crate::crd::{AnalysisRecord, ChatRelease, ChatReleaseStatus, PauseReason, Phase};
+use crate::judge::fmt_number;
+use crate::simulate::{self, ScenarioError};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+/// Field manager recorded on the annotation patches, so `managedFields` shows who set them.
+const FIELD_MANAGER: &str = "kubectl-chatrelease";
+
+/// Width of the weight bar in `status`: one character per 5%.
+const BAR_WIDTH: usize = 20;
+
+/// The command line of `kubectl chatrelease`.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "kubectl-chatrelease",
+    bin_name = "kubectl chatrelease",
+    version,
+    about = "Steer and inspect ChatRelease canary releases"
+)]
+pub struct Cli {
+    /// Namespace of the ChatRelease. Default: the current kubeconfig context's namespace.
+    #[arg(short, long, global = true)]
+    pub namespace: Option<String>,
+
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+/// One subcommand of `kubectl chatrelease`.
+#[derive(Debug, clap::Subcommand)]
+pub enum CliCommand {
+    /// Show phase, step, images, the last analysis and the conditions of a ChatRelease.
+    Status {
+        /// Name of the ChatRelease.
+        name: String,
+        /// Redraw whenever the ChatRelease changes, until Ctrl-C.
+        #[arg(short, long)]
+        watch: bool,
+    },
+    /// Pass the manual gate the canary waits at (sets chatrelease.io/promote).
+    Promote {
+        /// Name of the ChatRelease.
+        name: String,
+    },
+    /// Move all traffic back to stable now (sets chatrelease.io/rollback).
+    Rollback {
+        /// Name of the ChatRelease.
+        name: String,
+    },
+    /// Hold the rollout where it is (sets chatrelease.io/pause).
+    Pause {
+        /// Name of the ChatRelease.
+        name: String,
+    },
+    /// Let a paused rollout continue (removes chatrelease.io/pause).
+    Resume {
+        /// Name of the ChatRelease.
+        name: String,
+    },
+    /// Try a rolled-back revision again (sets chatrelease.io/retry).
+    Retry {
+        /// Name of the ChatRelease.
+        name: String,
+    },
+    /// Run the rollout on observations from a scenario file, with no cluster; one JSON line per tick.
+    Simulate {
+        /// The scenario, in the format of docs and ../shared/scenarios.
+        scenario: PathBuf,
+    },
+}
+
+impl CliCommand {
+    /// Whether the command needs a kubeconfig and the API server; `simulate` does not.
+    pub fn talks_to_cluster(&self) -> bool {
+        !matches!(self, CliCommand::Simulate { .. })
+    }
+}
+
+/// What went wrong, with the object or file it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The scenario file could not be read.
+    #[error("{path}: {source}")]
+    ReadScenario {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The scenario file is not a valid scenario; the message names the field.
+    #[error(transparent)]
+    Scenario(#[from] ScenarioError),
+    /// Neither a kubeconfig nor an in-cluster configuration could be loaded.
+    #[error(
+        "cannot load a kubeconfig: {0} (set KUBECONFIG or pick a context with kubectl config use-context)"
+    )]
+    Config(#[source] kube::config::InferConfigError),
+    /// The Kubernetes client could not be built from the configuration.
+    #[error("cannot create a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    /// The ChatRelease does not exist.
+    #[error("ChatRelease {namespace}/{name} not found (kubectl get chr -n {namespace} lists them)")]
+    NotFound { namespace: String, name: String },
+    /// The API server refused or failed a request.
+    #[error("{verb} ChatRelease {namespace}/{name}: {source}")]
+    Api {
+        verb: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// A tick of `simulate` could not be written as JSON.
+    #[error("cannot write tick {tick} as JSON: {source}")]
+    Serialize {
+        tick: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Ctrl-C could not be listened for, so `--watch` could not end cleanly.
+    #[error("cannot listen for Ctrl-C: {0}")]
+    Signal(#[source] std::io::Error),
+    /// Standard output could not be written.
+    #[error("cannot write output: {0}")]
+    Output(#[source] std::io::Error),
+}
+
+impl CliError {
+    fn api(verb: &'static str, namespace: &str, name: &str, source: kube::Error) -> Self {
+        if let kube::Error::Api(status) = &source
+            && status.is_not_found()
+        {
+            return CliError::NotFound {
+                namespace: namespace.into(),
+                name: name.into(),
+            };
+        }
+        CliError::Api {
+            verb,
+            namespace: namespace.into(),
+            name: name.into(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Exit status: 2 for a bad scenario file (as the design promises), 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::ReadScenario { .. } | CliError::Scenario(_) => 2,
+            _ => 1,
+        }
+    }
+
+    /// The reader of our output went away (`| head`): nothing left to say, and not a failure.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, CliError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// Makes aws-lc-rs (what kube is built with) the process's rustls crypto provider. kube builds its
+/// TLS config from the process default; rustls picks one by itself only while exactly one provider
+/// is compiled in, so a dependency that enables ring would otherwise make the first client panic.
+pub fn install_crypto_provider() {
+    // Err only means a provider is already installed, which is all we need.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Runs one command, writing what it has to say to `out`.
+pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
+    if let CliCommand::Simulate { scenario } = &cli.command {
+        // Before any kubeconfig is touched: simulate must work on a laptop with no cluster.
+        for line in simulate_file(scenario)? {
+            writeln!(out, "{line}").map_err(CliError::Output)?;
+        }
+        return Ok(());
+    }
+    let (client, namespace) = connect(cli.namespace).await?;
+    let api: Api<ChatRelease> = Api::namespaced(client, &namespace);
+    let said = match cli.command {
+        CliCommand::Simulate { .. } => return Ok(()),
+        CliCommand::Status { name, watch: false } => {
+            let release = get(&api, &namespace, &name).await?;
+            render_status(&release)
+        }
+        CliCommand::Status { name, watch: true } => {
+            return watch_status(&api, &namespace, &name, out).await;
+        }
+        CliCommand::Promote { name } => {
+            steer(&api, &namespace, &name, Steer::Set(Command::Promote)).await?
+        }
+        CliCommand::Rollback { name } => {
+            steer(&api, &namespace, &name, Steer::Set(Command::Rollback)).await?
+        }
+        CliCommand::Pause { name } => {
+            steer(&api, &namespace, &name, Steer::Set(Command::Pause)).await?
+        }
+        CliCommand::Retry { name } => {
+            steer(&api, &namespace, &name, Steer::Set(Command::Retry)).await?
+        }
+        CliCommand::Resume { name } => steer(&api, &namespace, &name, Steer::Resume).await?,
+    };
+    write!(out, "{said}").map_err(CliError::Output)?;
+    out.flush().map_err(CliError::Output)
+}
+
+/// Reads, checks and runs a scenario file: one JSON object per tick, as `simulate` prints them.
+pub fn simulate_file(path: &Path) -> Result<Vec<String>, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadScenario {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let scenario = simulate::parse(&text)?;
+    simulate::run(&scenario)?
+        .iter()
+        .map(|outcome| {
+            serde_json::to_string(outcome).map_err(|source| CliError::Serialize {
+                tick: outcome.tick,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// A client for the current kubeconfig context, and the namespace to work in.
+async fn connect(namespace: Option<String>) -> Result<(Client, String), CliError> {
+    let config = kube::Config::infer().await.map_err(CliError::Config)?;
+    let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config).map_err(CliError::Client)?;
+    Ok((client, namespace))
+}
+
+async fn get(api: &Api<ChatRelease>, namespace: &str, name: &str) -> Result<ChatRelease, CliError> {
+    api.get(name)
+        .await
+        .map_err(|e| CliError::api("get", namespace, name, e))
+}
+
+/// A change a person asks of the operator through an annotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steer {
+    /// Set the command's annotation to `"true"`.
+    Set(Command),
+    /// Remove `chatrelease.io/pause`.
+    Resume,
+}
+
+/// The JSON merge patch that makes the change: `null` deletes a key in a merge patch.
+pub fn steer_patch(steer: Steer) -> serde_json::Value {
+    let (key, value) = match steer {
+        Steer::Set(command) => (command.annotation(), serde_json::Value::from("true")),
+        Steer::Resume => (PAUSE, serde_json::Value::Null),
+    };
+    serde_json::json!({ "metadata": { "annotations": { key: value } } })
+}
+
+/// What a person is told after the change, naming the object and what the operator will do.
+pub fn steer_message(steer: Steer, namespace: &str, name: &str) -> String {
+    let object = format!("{namespace}/{name}");
+    match steer {
+        Steer::Set(command) => {
+            let effect = match command {
+                Command::Rollback => {
+                    "the operator moves all traffic to stable on its next reconcile".to_string()
+                }
+                Command::Promote => {
+                    "the operator passes the current manual gate on its next reconcile".to_string()
+                }
+                Command::Pause => format!(
+                    "the operator holds the rollout where it is until `kubectl chatrelease resume {name}`"
+                ),
+                Command::Retry => {
+                    "the operator tries the rolled-back revision again on its next reconcile"
+                        .to_string()
+                }
+            };
+            format!("{} set on {object}; {effect}\n", command.annotation())
+        }
+        Steer::Resume => format!(
+            "{PAUSE} removed from {object}; the operator continues the rollout on its next reconcile\n"
+        ),
+    }
+}
+
+/// Applies a change with a JSON merge patch and says what was done.
+async fn steer(
+    api: &Api<ChatRelease>,
+    namespace: &str,
+    name: &str,
+    steer: Steer,
+) -> Result<String, CliError> {
+    if steer == Steer::Resume {
+        // Read first: removing an annotation that is not there would print a misleading success.
+        let release = get(api, namespace, name).await?;
+        if !release.annotations().contains_key(PAUSE) {
+            let mut said = format!("{PAUSE} is not set on {namespace}/{name}; nothing to resume\n");
+            said.push_str(&gate_hint(&release));
+            return Ok(said);
+        }
+    }
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    let patched = api
+        .patch(name, &params, &Patch::Merge(steer_patch(steer)))
+        .await
+        .map_err(|e| CliError::api("patch", namespace, name, e))?;
+    let mut said = steer_message(steer, namespace, name);
+    if steer == Steer::Resume {
+        said.push_str(&gate_hint(&patched));
+    }
+    Ok(said)
+}
+
+/// A manual gate is not lifted by `resume`; say so rather than leave a person waiting.
+fn gate_hint(release: &ChatRelease) -> String {
+    let at_gate = release
+        .status
+        .as_ref()
+        .is_some_and(|s| s.pause_reason == Some(PauseReason::ManualGate));
+    if at_gate {
+        format!(
+            "note: it also waits at a manual gate; `kubectl chatrelease promote {}` passes it\n",
+            release.name_any()
+        )
+    } else {
+        String::new()
+    }
+}
+
+/// `status --watch`: redraws whenever the rendered view changes, until Ctrl-C or deletion.
+async fn watch_status(
+    api: &Api<ChatRelease>,
+    namespace: &str,
+    name: &str,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    // A typo in the name should fail at once, not wait silently for an object that never comes.
+    get(api, namespace, name).await?;
+    // Backoff keeps a flapping API server from turning the retry into a busy loop.
+    let updates = watcher::watch_object(api.clone(), name).default_backoff();
+    let mut updates = std::pin::pin!(updates);
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut ctrl_c = std::pin::pin!(ctrl_c);
+    let clear = std::io::stdout().is_terminal();
+    let mut shown = String::new();
+    loop {
+        let update = tokio::select! {
+            signal = &mut ctrl_c => return signal.map_err(CliError::Signal),
+            update = updates.next() => update,
+        };
+        match update {
+            None => return Ok(()),
+            Some(Err(e)) => {
+                eprintln!("warning: watching ChatRelease {namespace}/{name}: {e}; retrying")
+            }
+            Some(Ok(None)) => {
+                writeln!(out, "ChatRelease {namespace}/{name} was deleted")
+                    .map_err(CliError::Output)?;
+                return Ok(());
+            }
+            Some(Ok(Some(release))) => {
+                let view = render_status(&release);
+                // Status writes that change nothing we show (resourceVersion only) are not redrawn.
+                if view == shown {
+                    continue;
+                }
+                if clear {
+                    write!(out, "\x1b[2J\x1b[H").map_err(CliError::Output)?;
+                } else if !shown.is_empty() {
+                    writeln!(out, "---").map_err(CliError::Output)?;
+                }
+                write!(out, "{view}").map_err(CliError::Output)?;
+                out.flush().map_err(CliError::Output)?;
+                shown = view;
+            }
+        }
+    }
+}
+
+/// The `status` view of a ChatRelease: what a person needs to decide whether to promote, wait or
+/// roll back. Pure, so tests pin it down.
+pub fn render_status(release: &ChatRelease) -> String {
+    let name = release.name_any();
+    let namespace = release.namespace().unwrap_or_default();
+    let fallback = ChatReleaseStatus::default();
+    let status = release.status.as_ref().unwrap_or(&fallback);
+    let steps = &release.spec.strategy.steps;
+
+    let mut lines = vec![format!("ChatRelease {namespace}/{name}")];
+    let mut phase = status.phase.to_string();
+    if release.status.is_none() {
+        phase.push_str(" (no status yet: is the operator running?)");
+    } else if status.phase == Phase::Paused {
+        phase.push_str(&match status.pause_reason {
+            Some(PauseReason::ManualGate) => {
+                format!(" at a manual gate: kubectl chatrelease promote {name}")
+            }
+            Some(PauseReason::Annotation) => {
+                format!(" by {PAUSE}: kubectl chatrelease resume {name}")
+            }
+            Some(PauseReason::Inconclusive) => {
+                " after inconclusive analyses: promote or roll back by hand".to_string()
+            }
+            None => String::new(),
+        });
+    }
+    let step = status
+        .current_step
+        .map_or("-".to_string(), |i| (i + 1).to_string());
+    let weight = status.canary_weight;
+    let track = |image: &Option<String>, revision: &Option<String>| {
+        let image = image.as_deref().unwrap_or("-");
+        match revision {
+            Some(revision) => format!("{image}  (revision {revision})"),
+            None => image.to_string(),
+        }
+    };
+    let limit = release.spec.analysis.failure_limit;
+    let fields = [
+        ("Phase", phase),
+        (
+            "Step",
+            format!(
+                "{step}/{} at {weight}%  {}  (steps {})",
+                steps.len(),
+                weight_bar(weight),
+                steps_text(steps, &release.spec.strategy.manual_gates)
+            ),
+        ),
+        (
+            "Stable",
+            track(&status.stable_image, &status.stable_revision),
+        ),
+        (
+            "Canary",
+            track(&status.canary_image, &status.canary_revision),
+        ),
+        (
+            "Failures",
+            format!("{} in a row (rolls back at {limit})", status.failed_checks),
+        ),
+        (
+            "Message",
+            if status.message.is_empty() {
+                "-".to_string()
+            } else {
+                status.message.clone()
+            },
+        ),
+    ];
+    lines.extend(
+        fields
+            .iter()
+            .map(|(label, value)| format!("  {label:<9} {value}").trim_end().to_string()),
+    );
+
+    lines.push(String::new());
+    match &status.last_analysis {
+        Some(analysis) => lines.extend(analysis_lines(analysis)),
+        None => lines.push("Last analysis: none yet".into()),
+    }
+
+    lines.push(String::new());
+    if status.conditions.is_empty() {
+        lines.push("Conditions: none yet".into());
+    } else {
+        lines.push("Conditions".into());
+        let rows = status
+            .conditions
+            .iter()
+            .map(|c| {
+                vec![
+                    c.type_.clone(),
+                    c.status.clone(),
+                    c.reason.clone(),
+                    c.last_transition_time.0.to_string(),
+                    c.message.clone(),
+                ]
+            })
+            .collect();
+        lines.extend(table(
+            &["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"],
+            rows,
+        ));
+    }
+
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
+}
+
+fn analysis_lines(analysis: &AnalysisRecord) -> Vec<String> {
+    let requests = |r: Option<f64>| r.map_or("-".to_string(), fmt_number);
+    let mut lines = vec![format!(
+        "Last analysis: {} at {}% ({}), {} canary / {} stable requests",
+        analysis.verdict,
+        analysis.weight,
+        analysis.time.0,
+        requests(analysis.canary_requests),
+        requests(analysis.stable_requests),
+    )];
+    if !analysis.checks.is_empty() {
+        let value =
+            |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| fmt_number(v) + unit);
+        let rows = analysis
+            .checks
+            .iter()
+            .map(|c| {
+                vec![
+                    c.name.clone(),
+                    value(c.canary, &c.unit),
+                    value(c.stable, &c.unit),
+                    c.bound.clone(),
+                    c.verdict.to_string(),
+                ]
+            })
+            .collect();
+        lines.extend(table(
+            &["CHECK", "CANARY", "STABLE", "BOUND", "VERDICT"],
+            rows,
+        ));
+    }
+    if !analysis.reason.is_empty() {
+        lines.push(format!("  {}", analysis.reason));
+    }
+    lines
+}
+
+/// `[#####...............]`: the canary's share of traffic at a glance.
+fn weight_bar(weight: i32) -> String {
+    let percent = usize::try_from(weight.clamp(0, 100)).unwrap_or(0);
+    // Rounded to the nearest character, so 5% still shows one mark.
+    let filled = (percent * BAR_WIDTH + 50) / 100;
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(BAR_WIDTH - filled))
+}
+
+/// `5, 25, 50, gate 100`: the steps, marking the ones that wait for a person.
+fn steps_text(steps: &[i32], gates: &[i32]) -> String {
+    steps
+        .iter()
+        .map(|s| {
+            if gates.contains(s) {
+                format!("gate {s}")
+            } else {
+                s.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Left-aligned columns, two spaces apart, indented by two; no trailing spaces.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> Vec<String> {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header = headers.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+    std::iter::once(header)
+        .chain(rows)
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect();
+            format!("  {}", cells.join("  ")).trim_end().to_string()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// A canary at its second step, after a passing analysis, as the operator would leave it.
+    fn progressing() -> ChatRelease {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "chatrelease.io/v1alpha1",
+            "kind": "ChatRelease",
+            "metadata": {"name": "lobe-chat", "namespace": "chat"},
+            "spec": {
+                "template": {"spec": {"containers": [
+                    {"name": "lobe-chat", "image": "lobehub/lobe-chat:v1.9.0"}
+                ]}},
+                "strategy": {"steps": [5, 25, 50, 100], "manualGates": [100]},
+                "analysis": {"latencyP99": {"max": "3s"}}
+            },
+            "status": {
+                "phase": "Progressing",
+                "canaryWeight": 25,
+                "currentStep": 1,
+                "stableRevision": "5d8f9c2a01",
+                "canaryRevision": "7b1e0f3c44",
+                "stableImage": "lobehub/lobe-chat:v1.8.0",
+                "canaryImage": "lobehub/lobe-chat:v1.9.0",
+                "failedChecks": 0,
+                "message": "analysis passed at 5%: advanced to 25%",
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "Progressing",
+                     "message": "analysis passed at 5%: advanced to 25%",
+                     "lastTransitionTime": "2025-11-21T10:00:00Z"},
+                    {"type": "Progressing", "status": "True", "reason": "Advanced",
+                     "message": "analysis passed at 5%: advanced to 25%",
+                     "lastTransitionTime": "2025-11-21T10:01:00Z"}
+                ],
+                "lastAnalysis": {
+                    "time": "2025-11-21T10:01:00Z",
+                    "verdict": "Pass",
+                    "weight": 5,
+                    "canaryRequests": 2000.0,
+                    "stableRequests": 38000.0,
+                    "checks": [
+                        {"name": "error-rate", "canary": 0.2, "stable": 0.2, "bound": "<= 1%",
+                         "unit": "%", "verdict": "Pass", "note": "error rate 0.20%"},
+                        {"name": "latency-p99", "canary": 800.0, "stable": 780.0,
+                         "bound": "<= 3000ms", "unit": "ms", "verdict": "Pass", "note": "p99 800ms"}
+                    ],
+                    "reason": "all checks within bounds"
+                }
+            }
+        }))
+        .expect("fixture is a valid ChatRelease")
+    }
+
+    #[test]
+    fn status_shows_phase_step_weight_and_both_tracks() {
+        let view = render_status(&progressing());
+        assert!(view.starts_with("ChatRelease chat/lobe-chat\n"), "{view}");
+        assert!(view.contains("  Phase     Progressing\n"), "{view}");
+        assert!(
+            view.contains(
+                "  Step      2/4 at 25%  [#####...............]  (steps 5, 25, 50, gate 100)\n"
+            ),
+            "{view}"
+        );
+        assert!(
+            view.contains("  Stable    lobehub/lobe-chat:v1.8.0  (revision 5d8f9c2a01)\n"),
+            "{view}"
+        );
+        assert!(
+            view.contains("  Canary    lobehub/lobe-chat:v1.9.0  (revision 7b1e0f3c44)\n"),
+            "{view}"
+        );
+        assert!(
+            view.contains("  Failures  0 in a row (rolls back at 2)\n"),
+            "{view}"
+        );
+        assert!(
+            view.contains("  Message   analysis passed at 5%: advanced to 25%\n"),
+            "{view}"
+        );
+    }
+
+    #[test]
+    fn status_shows_the_last_analysis_as_an_aligned_table() {
+        let view = render_status(&progressing());
+        let expected = "\
+Last analysis: pass at 5% (2025-11-21T10:01:00Z), 2000 canary / 38000 stable requests
+  CHECK        CANARY  STABLE  BOUND      VERDICT
+  error-rate   0.2%    0.2%    <= 1%      pass
+  latency-p99  800ms   780ms   <= 3000ms  pass
+  all checks within bounds
+";
+        assert!(view.contains(expected), "{view}");
+    }
+
+    #[test]
+    fn status_lists_the_conditions() {
+        let view = render_status(&progressing());
+        assert!(
+            view.contains(
+                "Conditions\n  TYPE         STATUS  REASON       SINCE                 MESSAGE\n"
+            ),
+            "{view}"
+        );
+        assert!(
+            view.contains("  Ready        True    Progressing  2025-11-21T10:00:00Z  analysis passed at 5%: advanced to 25%\n"),
+            "{view}"
+        );
+        assert!(
+            !view.lines().any(|l| l.ends_with(' ')),
+            "trailing spaces:\n{view}"
+        );
+    }
+
+    #[test]
+    fn status_tells_how_to_pass_a_manual_gate() {
+        let mut release = progressing();
+        let status = release.status.as_mut().expect("fixture has a status");
+        status.phase = Phase::Paused;
+        status.pause_reason = Some(PauseReason::ManualGate);
+        let view = render_status(&release);
+        assert!(
+            view.contains(
+                "  Phase     Paused at a manual gate: kubectl chatrelease promote lobe-chat\n"
+            ),
+            "{view}"
+        );
+    }
+
+    #[test]
+    fn status_without_status_asks_whether_the_operator_runs() {
+        let mut release = progressing();
+        release.status = None;
+        let view = render_status(&release);
+        assert!(
+            view.contains("Initializing (no status yet: is the operator running?)"),
+            "{view}"
+        );
+        assert!(
+            view.contains("  Step      -/4 at 0%  [....................]"),
+            "{view}"
+        );
+        assert!(view.contains("  Stable    -\n  Canary    -\n"), "{view}");
+        assert!(view.contains("  Message   -\n"), "{view}");
+        assert!(view.contains("Last analysis: none yet"), "{view}");
+        assert!(view.contains("Conditions: none yet"), "{view}");
+    }
+
+    #[test]
+    fn weight_bar_rounds_to_the_nearest_five_percent() {
+        assert_eq!(weight_bar(0), "[....................]");
+        assert_eq!(weight_bar(5), "[#...................]");
+        assert_eq!(weight_bar(50), "[##########..........]");
+        assert_eq!(weight_bar(100), "[####################]");
+        assert_eq!(weight_bar(250), weight_bar(100));
+    }
+
+    #[test]
+    fn steering_sets_the_annotation_to_true_with_a_merge_patch() {
+        assert_eq!(
+            steer_patch(Steer::Set(Command::Rollback)),
+            serde_json::json!({"metadata": {"annotations": {"chatrelease.io/rollback": "true"}}})
+        );
+        assert_eq!(
+            steer_patch(Steer::Set(Command::Promote)),
+            serde_json::json!({"metadata": {"annotations": {"chatrelease.io/promote": "true"}}})
+        );
+    }
+
+    #[test]
+    fn resume_removes_the_pause_annotation_with_null() {
+        assert_eq!(
+            steer_patch(Steer::Resume),
+            serde_json::json!({"metadata": {"annotations": {"chatrelease.io/pause": null}}})
+        );
+    }
+
+    #[test]
+    fn steering_says_what_was_done_and_what_follows() {
+        assert_eq!(
+            steer_message(Steer::Set(Command::Rollback), "chat", "lobe-chat"),
+            "chatrelease.io/rollback set on chat/lobe-chat; the operator moves all traffic to stable on its next reconcile\n"
+        );
+        assert!(
+            steer_message(Steer::Set(Command::Pause), "chat", "lobe-chat")
+                .contains("kubectl chatrelease resume lobe-chat")
+        );
+        assert!(
+            steer_message(Steer::Resume, "chat", "lobe-chat")
+                .starts_with("chatrelease.io/pause removed from chat/lobe-chat;")
+        );
+    }
+
+    #[test]
+    fn a_missing_object_is_reported_by_name() {
+        let status =
+            kube::core::Status::failure("chatreleases \"lobe-chat\" not found", "NotFound")
+                .with_code(404);
+        let err = CliError::api(
+            "get",
+            "chat",
+            "lobe-chat",
+            kube::Error::Api(Box::new(status)),
+        );
+        assert!(
+            err.to_string()
+                .starts_with("ChatRelease chat/lobe-chat not found"),
+            "{err}"
+        );
+        assert_eq!(err.exit_code(), 1);
+    }
+
+    #[test]
+    fn a_bad_scenario_exits_2_and_names_the_field() {
+        let path =
+            std::env::temp_dir().join(format!("chatrelease-cli-{}.json", std::process::id()));
+        std::fs::write(&path, r#"{"release": 3, "ticks": []}"#).expect("temp file");
+        let err = simulate_file(&path).expect_err("not a scenario");
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().starts_with("release:"), "{err}");
+
+        let missing =
+            simulate_file(Path::new("/nonexistent/scenario.json")).expect_err("no such file");
+        assert_eq!(missing.exit_code(), 2);
+        assert!(
+            missing
+                .to_string()
+                .starts_with("/nonexistent/scenario.json: "),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn only_simulate_works_without_a_cluster() {
+        let cli = <Cli as clap::Parser>::parse_from(["kubectl-chatrelease", "simulate", "s.json"]);
+        assert!(!cli.command.talks_to_cluster());
+        let cli = <Cli as clap::Parser>::parse_from([
+            "kubectl-chatrelease",
+            "status",
+            "lobe-chat",
+            "-n",
+            "chat",
+            "--watch",
+        ]);
+        assert!(cli.command.talks_to_cluster());
+        assert_eq!(cli.namespace.as_deref(), Some("chat"));
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[tokio::test]
+    async fn a_client_starts_once_the_crypto_provider_is_installed() {
+        install_crypto_provider();
+        // A second install (another command path, a test) must be harmless.
+        install_crypto_provider();
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+        let url = "https://127.0.0.1:1".parse().expect("a valid URL");
+        let client = Client::try_from(kube::Config::new(url));
+        assert!(client.is_ok(), "{:?}", client.err());
+    }
+}
