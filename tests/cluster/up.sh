@@ -58,6 +58,9 @@ KWOK_STAGES=(
 for f in "${KWOK_STAGES[@]}"; do
   [ -f "$f" ] || { echo "up.sh: kwok stage file $f missing (KWOK_STAGES_DIR): run 'make tools'" >&2; exit 1; }
 done
+# Tidy paths for messages (../shared → the real folder) when they exist.
+[ -d "$SHARED_TESTDATA_DIR" ] && SHARED_TESTDATA_DIR=$(cd "$SHARED_TESTDATA_DIR" && pwd)
+[ -f "$ISTIO_CRDS" ] && ISTIO_CRDS=$(cd "$(dirname "$ISTIO_CRDS")" && pwd)/$(basename "$ISTIO_CRDS")
 for c in openssl curl ss setsid base64; do
   command -v "$c" >/dev/null 2>&1 || { echo "up.sh: '$c' is required" >&2; exit 1; }
 done
@@ -99,16 +102,21 @@ trap 'ERR_LINE=$LINENO' ERR
 trap 'rc=$?; [ $rc = 0 ] || [ -n "${FAILED:-}" ] || fail "unexpected failure (exit $rc) near line $ERR_LINE"' EXIT
 
 # ---- free ports --------------------------------------------------------------------------------
-# A random port in 20000-59999 that nothing listens on and this run has not taken yet. (Another
-# program could still take it before the component binds it: the component then fails to start
-# and its log says so; run up.sh again.)
+# A random port that no socket uses (listening or connected) and this run has not taken yet,
+# below the kernel's ephemeral range: an outgoing connection may take any port inside that range
+# between our check and the component's bind. (Another program could still take a port before
+# the component binds it: the component then fails to start, its log says so; run up.sh again.)
 PICKED=" "
+PORT_LOW=20000 PORT_HIGH=32767
+if read -r eph_low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null && [ "$eph_low" -gt 12000 ]; then
+  PORT_LOW=10000 PORT_HIGH=$((eph_low - 1))
+fi
 pick_port() { # VAR
   local p i
   for i in $(seq 1 200); do
-    p=$(( 20000 + (RANDOM * 32768 + RANDOM) % 40000 ))
+    p=$(( PORT_LOW + (RANDOM * 32768 + RANDOM) % (PORT_HIGH - PORT_LOW + 1) ))
     case "$PICKED" in *" $p "*) continue ;; esac
-    if ! ss -Htln "( sport = :$p )" | grep . >/dev/null; then PICKED+="$p "; printf -v "$1" '%s' "$p"; return 0; fi
+    if ! ss -Htan "( sport = :$p )" | grep . >/dev/null; then PICKED+="$p "; printf -v "$1" '%s' "$p"; return 0; fi
   done
   fail "no free port found"
 }
@@ -204,11 +212,11 @@ etcd_extra=()
 # etcd >= 3.5: skip fsync (throw-away data; much faster on a busy disk).
 if "$ETCD" --help 2>&1 | grep -- --unsafe-no-fsync >/dev/null; then etcd_extra+=(--unsafe-no-fsync); fi
 say "starting etcd ($ETCD_URL)"
-start etcd "$ETCD" --name=default --data-dir="$STATE_DIR/etcd-data" \
+start etcd "$ETCD" --name=chatrelease-local --data-dir="$STATE_DIR/etcd-data" \
   --listen-client-urls="$ETCD_URL" --advertise-client-urls="$ETCD_URL" \
   --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
   --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
-  --initial-cluster="default=http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-cluster="chatrelease-local=http://127.0.0.1:$ETCD_PEER_PORT" \
   --initial-cluster-state=new --log-level=warn \
   --quota-backend-bytes=2147483648 ${etcd_extra[@]+"${etcd_extra[@]}"}
 wait_for etcd "healthy /health" curl -sf --max-time 2 "$ETCD_URL/health"
@@ -220,6 +228,9 @@ start kube-apiserver "$KUBE_APISERVER" \
   --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" \
   --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
   --cert-dir="$PKI" --client-ca-file="$PKI/ca.crt" \
+  --requestheader-client-ca-file="$PKI/ca.crt" --requestheader-allowed-names=front-proxy-client \
+  --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+  --requestheader-extra-headers-prefix=X-Remote-Extra- \
   --token-auth-file="$PKI/tokens.csv" \
   --authorization-mode=RBAC \
   --service-cluster-ip-range=10.96.0.0/12 \
@@ -332,11 +343,11 @@ fi
 for f in "${crd_files[@]}"; do
   say "applying $f"
   kc apply --server-side --force-conflicts --field-manager=chatrelease-up -f "$f" \
-    >>"$LOGS/crds.log" 2>&1 || fail "applying $f failed: $(tail -n 5 "$LOGS/crds.log")"
+    >>"$LOGS/crds.log" 2>&1 || fail "the API server refused $f (see below)" crds
 done
 if [ ${#crd_files[@]} -gt 0 ]; then
   kc wait --for=condition=Established crd --all --timeout="${UP_TIMEOUT}s" >>"$LOGS/crds.log" 2>&1 \
-    || fail "CRDs not Established: $(tail -n 5 "$LOGS/crds.log")"
+    || fail "CRDs not Established" crds
 fi
 
 wait_for prometheus "ready /-/ready" curl -sf --max-time 2 "$PROM_URL/-/ready"
