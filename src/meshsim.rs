@@ -93,6 +93,8 @@ const JITTER_SIGMA: f64 = 0.3;
 const LOCAL_REPLY_MEDIAN_MS: f64 = 1.0;
 /// After a stall (a suspended laptop, a stopped debugger) catch up on at most this much traffic.
 const MAX_CATCH_UP: Duration = Duration::from_secs(10);
+/// The highest `--rps` accepted.
+const MAX_RPS: f64 = 100_000.0;
 const CLUSTER_DOMAIN_SUFFIX: &str = ".svc.cluster.local";
 
 /// What can stop the simulator, or make it skip an object.
@@ -822,8 +824,9 @@ impl TrafficConfig {
                 reason: reason.to_string(),
             })
         };
-        if !self.rps.is_finite() || self.rps < 0.0 {
-            return invalid("rps", "must be a number, 0 or more");
+        // Every request is simulated one by one; far beyond this a tick outlasts its interval.
+        if !self.rps.is_finite() || !(0.0..=MAX_RPS).contains(&self.rps) {
+            return invalid("rps", "must be a number from 0 to 100000");
         }
         if self.tick.is_zero() {
             return invalid("tick", "must be longer than zero");
@@ -1125,7 +1128,9 @@ pub async fn drive_traffic<F, R>(
     R: Rng + ?Sized,
 {
     tokio::pin!(shutdown);
-    let mut interval = tokio::time::interval(simulator.config().tick);
+    // tokio's interval panics on a zero period; `TrafficConfig::validate` rejects it for `run`.
+    let period = simulator.config().tick.max(Duration::from_millis(1));
+    let mut interval = tokio::time::interval(period);
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last = Instant::now();
     loop {
@@ -2171,6 +2176,49 @@ mod tests {
             bad.validate().unwrap_err().to_string(),
             "invalid --tester-share: must be between 0 and 1"
         );
+        for (bad, flag) in [
+            (
+                TrafficConfig {
+                    rps: -1.0,
+                    ..TrafficConfig::default()
+                },
+                "--rps",
+            ),
+            (
+                TrafficConfig {
+                    rps: f64::NAN,
+                    ..TrafficConfig::default()
+                },
+                "--rps",
+            ),
+            (
+                TrafficConfig {
+                    rps: 1e9,
+                    ..TrafficConfig::default()
+                },
+                "--rps",
+            ),
+            (
+                TrafficConfig {
+                    tick: Duration::ZERO,
+                    ..TrafficConfig::default()
+                },
+                "--tick",
+            ),
+            (
+                TrafficConfig {
+                    users: 0,
+                    ..TrafficConfig::default()
+                },
+                "--users",
+            ),
+        ] {
+            let message = bad.validate().unwrap_err().to_string();
+            assert!(
+                message.starts_with(&format!("invalid {flag}: ")),
+                "{message}"
+            );
+        }
         assert!(TrafficConfig::default().validate().is_ok());
     }
 

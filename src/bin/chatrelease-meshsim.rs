@@ -50,6 +50,7 @@ struct Cli {
     /// Seed for a reproducible run (default: a random seed).
     #[arg(long, env = "MESHSIM_SEED")]
     seed: Option<u64>,
+    /// Log as text or as JSON lines.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -121,7 +122,6 @@ fn main() -> ExitCode {
     match runtime.block_on(meshsim::run(options, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(%error, "mesh simulator failed");
             eprintln!("error: {error}");
             ExitCode::FAILURE
         }
