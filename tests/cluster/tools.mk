@@ -36,7 +36,7 @@ CLUSTER_TOOLS_ENV = TOOLS_DIR='$(TOOLS_DIR)' K8S_VERSION='$(K8S_VERSION)' \
   KWOK_STAGES_DIR='$(KWOK_STAGES_DIR)' ETCD='$(ETCD)' PROMETHEUS_BIN='$(PROMETHEUS_BIN)'
 
 CLUSTER_TOOLS := $(KUBE_APISERVER) $(KUBE_CONTROLLER_MANAGER) $(KUBE_SCHEDULER) $(KUBECTL) \
-  $(KWOK) $(ETCD) $(PROMETHEUS_BIN)
+  $(KWOK) $(KWOK_STAGES_DIR)/pod/fast/pod-ready.yaml $(ETCD) $(PROMETHEUS_BIN)
 
 .PHONY: tools tools-versions control-plane-up control-plane-down
 
@@ -49,6 +49,10 @@ $(KUBE_APISERVER) $(KUBE_CONTROLLER_MANAGER) $(KUBE_SCHEDULER) $(KUBECTL):
 
 $(KWOK):
 	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh kwok
+
+# up.sh reads kwok's Stage files from its module in the Go module cache.
+$(KWOK_STAGES_DIR)/pod/fast/pod-ready.yaml: | $(KWOK)
+	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh kwok-stages >/dev/null
 
 $(ETCD):
 	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh etcd
