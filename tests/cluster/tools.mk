@@ -4,6 +4,7 @@
 #   make tools            build/install everything below that is missing (idempotent)
 #   make tools-versions   print what is installed and where
 #   make control-plane-up / control-plane-down   [CLUSTER_STATE_DIR=...]
+#   make control-plane-smoke   start a throw-away control plane, check it, stop it
 #
 # Binaries live outside the repo in $(TOOLS_DIR), one folder per tool and version, next to the
 # Go build and module caches, so a rebuild after a version bump is warm.
@@ -18,7 +19,7 @@ K8S_VERSION  ?= v1.36.3
 KWOK_VERSION ?= v0.8.0
 ETCD_VERSION ?= v3.6.16
 
-KUBE_BIN_DIR            := $(TOOLS_DIR)/kubernetes/$(K8S_VERSION)/bin
+KUBE_BIN_DIR             = $(TOOLS_DIR)/kubernetes/$(K8S_VERSION)/bin
 KUBE_APISERVER          ?= $(KUBE_BIN_DIR)/kube-apiserver
 KUBE_CONTROLLER_MANAGER ?= $(KUBE_BIN_DIR)/kube-controller-manager
 KUBE_SCHEDULER          ?= $(KUBE_BIN_DIR)/kube-scheduler
@@ -38,7 +39,7 @@ CLUSTER_TOOLS_ENV = TOOLS_DIR='$(TOOLS_DIR)' K8S_VERSION='$(K8S_VERSION)' \
 CLUSTER_TOOLS := $(KUBE_APISERVER) $(KUBE_CONTROLLER_MANAGER) $(KUBE_SCHEDULER) $(KUBECTL) \
   $(KWOK) $(KWOK_STAGES_DIR)/pod/fast/pod-ready.yaml $(ETCD) $(PROMETHEUS_BIN)
 
-.PHONY: tools tools-versions control-plane-up control-plane-down
+.PHONY: tools tools-versions control-plane-up control-plane-down control-plane-smoke
 
 tools: $(CLUSTER_TOOLS)
 
@@ -77,3 +78,7 @@ control-plane-up: tools
 
 control-plane-down:
 	@bash $(CLUSTER_SCRIPTS_DIR)/down.sh '$(CLUSTER_STATE_DIR)'
+
+# Start a throw-away control plane, check Deployments/GC/VirtualService/Prometheus, stop it.
+control-plane-smoke: tools
+	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/smoke.sh

@@ -61,12 +61,16 @@ done
 # Tidy paths for messages (../shared → the real folder) when they exist.
 [ -d "$SHARED_TESTDATA_DIR" ] && SHARED_TESTDATA_DIR=$(cd "$SHARED_TESTDATA_DIR" && pwd)
 [ -f "$ISTIO_CRDS" ] && ISTIO_CRDS=$(cd "$(dirname "$ISTIO_CRDS")" && pwd)/$(basename "$ISTIO_CRDS")
-for c in openssl curl ss setsid base64; do
+for c in openssl curl ss setsid flock base64; do
   command -v "$c" >/dev/null 2>&1 || { echo "up.sh: '$c' is required" >&2; exit 1; }
 done
 
 T0=$SECONDS
 say() { printf 'up.sh: %s\n' "$*" >&2; }
+
+# One up.sh per STATE_DIR at a time (the daemons get this descriptor closed, see start()).
+exec 8>"$STATE_DIR/.up.lock"
+flock -n 8 || { echo "up.sh: another up.sh is running on $STATE_DIR" >&2; exit 1; }
 
 # ---- leftovers of a previous run -------------------------------------------------------------
 if [ -d "$STATE_DIR/pids" ] && [ -n "$(ls -A "$STATE_DIR/pids" 2>/dev/null)" ]; then
@@ -131,7 +135,7 @@ ETCD_URL=http://127.0.0.1:$ETCD_PORT
 start() { # NAME CMD...
   local name=$1; shift
   # Not a process-group leader here (no job control), so setsid execs in place: $! is the pid.
-  setsid "$@" </dev/null >"$LOGS/$name.log" 2>&1 &
+  setsid "$@" </dev/null >"$LOGS/$name.log" 2>&1 8>&- &
   echo $! >"$STATE_DIR/pids/$name.pid"
 }
 alive() { kill -0 "$(cat "$STATE_DIR/pids/$1.pid")" 2>/dev/null; }
@@ -345,9 +349,18 @@ for f in "${crd_files[@]}"; do
   kc apply --server-side --force-conflicts --field-manager=chatrelease-up -f "$f" \
     >>"$LOGS/crds.log" 2>&1 || fail "the API server refused $f (see below)" crds
 done
+# (`kubectl wait` errors out at once on a CRD that has no status yet, so poll.)
+crds_established() {
+  local s
+  s=$(kc get crd -o jsonpath='{range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Established")].status}{"\n"}{end}' 2>>"$LOGS/crds.log") || return 1
+  ! printf '%s\n' "$s" | grep -v '=True$' | grep . >>"$LOGS/crds.log"
+}
 if [ ${#crd_files[@]} -gt 0 ]; then
-  kc wait --for=condition=Established crd --all --timeout="${UP_TIMEOUT}s" >>"$LOGS/crds.log" 2>&1 \
-    || fail "CRDs not Established" crds
+  deadline=$((SECONDS + UP_TIMEOUT))
+  until crds_established; do
+    [ $SECONDS -lt $deadline ] || fail "CRDs not Established after ${UP_TIMEOUT}s" crds
+    sleep 0.3
+  done
 fi
 
 wait_for prometheus "ready /-/ready" curl -sf --max-time 2 "$PROM_URL/-/ready"

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# smoke.sh [STATE_DIR] — start the control plane, check what the operator relies on, stop it.
+# Checks: API server version, node Ready, a 2-replica Deployment's Pods Ready on the kwok node,
+# garbage collection after deleting it, a networking.istio.io/v1 VirtualService, Prometheus `up`
+# and a file_sd target added at run time, and that down.sh leaves no process or port behind.
+# Tool paths as for up.sh (tools.mk passes them: make control-plane-smoke).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+own_dir=""
+if [ $# -ge 1 ]; then STATE_DIR=$1; else STATE_DIR=$(mktemp -d /tmp/chatrelease-smoke.XXXXXX); own_dir=1; fi
+mkdir -p "$STATE_DIR"
+STATE_DIR=$(cd "$STATE_DIR" && pwd)
+passed=0 failed=0
+ok() { passed=$((passed + 1)); echo "ok: $*"; }
+ko() { failed=$((failed + 1)); echo "FAIL: $*"; }
+check() { # DESCRIPTION COMMAND...
+  local what=$1; shift
+  if "$@"; then ok "$what"; else ko "$what"; fi
+}
+# poll N_SECONDS COMMAND...: until it succeeds
+poll() {
+  local n=$1; shift
+  local deadline=$((SECONDS + n))
+  until "$@" >/dev/null 2>&1; do [ $SECONDS -lt $deadline ] || return 1; sleep 0.5; done
+}
+
+t0=$SECONDS
+bash "$HERE/up.sh" "$STATE_DIR" >/dev/null
+echo "up.sh took $((SECONDS - t0))s"
+# shellcheck disable=SC1091
+. "$STATE_DIR/env"
+trap 'bash "$HERE/down.sh" "$STATE_DIR" >/dev/null 2>&1 || true' EXIT
+k() { "$KUBECTL" "$@"; }
+ns=smoke
+
+check "server reports ${K8S_VERSION:-v1.36}" \
+  bash -c "'$KUBECTL' version -o json | grep '\"gitVersion\": \"${K8S_VERSION:-v1.36}' >/dev/null"
+check "node $KWOK_NODE_NAME Ready" \
+  k wait --for=condition=Ready "node/$KWOK_NODE_NAME" --timeout=30s
+k create namespace "$ns" >/dev/null
+k -n "$ns" create deployment web --image=registry.invalid/web:1 --replicas=2 >/dev/null
+check "Deployment rolled out (2 Pods Ready)" \
+  k -n "$ns" rollout status deployment/web --timeout=60s
+pods_on_node() {
+  [ "$(k -n "$ns" get pods -l app=web -o jsonpath='{range .items[*]}{.spec.nodeName}/{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' \
+      | grep -c "^$KWOK_NODE_NAME/True$")" = 2 ]
+}
+check "both Pods Ready on $KWOK_NODE_NAME" pods_on_node
+k -n "$ns" delete deployment web --wait=false >/dev/null
+gone() { [ -z "$(k -n "$ns" get replicasets,pods -o name 2>/dev/null)" ]; }
+check "ReplicaSet and Pods garbage-collected" poll 60 gone
+
+vs() {
+  k apply -f - >/dev/null <<EOF
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: $ns}
+spec:
+  hosts: [web.$ns.svc.cluster.local]
+  http:
+  - route:
+    - {destination: {host: web.$ns.svc.cluster.local, subset: stable}, weight: 95}
+    - {destination: {host: web.$ns.svc.cluster.local, subset: canary}, weight: 5}
+EOF
+  [ "$(k -n "$ns" get virtualservices.networking.istio.io web -o jsonpath='{.spec.http[0].route[1].weight}')" = 5 ]
+}
+check "VirtualService networking.istio.io/v1 created" vs
+
+prom_up() { # JOB
+  curl -sf "$PROMETHEUS_URL/api/v1/query" --data-urlencode "query=up{job=\"$1\"}" \
+    | grep '"value":\[[0-9.]*,"1"\]'
+}
+check "Prometheus answers up{job=prometheus} = 1" poll 30 prom_up prometheus
+echo "[{\"targets\": [\"${ETCD_URL#http://}\"], \"labels\": {\"job\": \"etcd\"}}]" \
+  >"$PROMETHEUS_TARGETS_DIR/etcd.json"
+check "file_sd target added at run time is scraped" poll 30 prom_up etcd
+
+trap - EXIT
+ports=$(cat "$STATE_DIR/ports")
+check "down.sh succeeds" bash "$HERE/down.sh" "$STATE_DIR"
+no_proc() { ! pgrep -f -- "$STATE_DIR/" >/dev/null; }
+check "no process left" no_proc
+no_port() {
+  local p
+  for p in $ports; do ss -Htln "( sport = :$p )" | grep . >/dev/null && return 1; done
+  return 0
+}
+check "no port left listening" no_port
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ] || { echo "logs: $STATE_DIR/logs"; exit 1; }
+[ -z "$own_dir" ] || rm -rf "$STATE_DIR"
