@@ -52,7 +52,13 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, deployments: Store<Deployment>, router: Arc<dyn TrafficRouter>, metrics: Arc<dyn MetricsSource>, default_prometheus: String) -> Self {
+    pub fn new(
+        client: Client,
+        deployments: Store<Deployment>,
+        router: Arc<dyn TrafficRouter>,
+        metrics: Arc<dyn MetricsSource>,
+        default_prometheus: String,
+    ) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -64,25 +70,52 @@ impl Context {
             router,
             metrics,
             default_prometheus,
-            clock: Arc::new(Timestamp::now),
+            // Whole seconds: status times are stored that way, and messages read better.
+            clock: Arc::new(|| {
+                Timestamp::now()
+                    .round(jiff::Unit::Second)
+                    .unwrap_or_else(|_| Timestamp::now())
+            }),
             observer: None,
         }
     }
 }
 
-/// Runs the controller until a termination signal.
-pub async fn run(client: Client, ctx_builder: impl FnOnce(Store<Deployment>) -> Context) {
-    let releases = Api::<ChatRelease>::all(client.clone());
-    let owned = watcher::Config::default().labels(&format!("{}={MANAGER}", crate::annotations::LABEL_MANAGED_BY));
+/// Runs the controller until a termination signal, over all namespaces or just `namespace`.
+pub async fn run(
+    client: Client,
+    namespace: Option<&str>,
+    ctx_builder: impl FnOnce(Store<Deployment>) -> Context,
+) {
+    fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let releases = api::<ChatRelease>(&client, namespace);
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={MANAGER}",
+        crate::annotations::LABEL_MANAGED_BY
+    ));
     let (deployments, writer) = reflector::store();
-    let deployment_events = reflector::reflector(writer, watcher(Api::<Deployment>::all(client.clone()), owned.clone()))
-        .default_backoff()
-        .touched_objects();
+    let deployment_events = reflector::reflector(
+        writer,
+        watcher(api::<Deployment>(&client, namespace), owned.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
     let ctx = Arc::new(ctx_builder(deployments));
     Controller::new(releases, watcher::Config::default().any_semantic())
         .owns_stream(deployment_events)
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<crate::istio::VirtualService>::all(client), owned)
+        .owns(api::<Service>(&client, namespace), owned.clone())
+        .owns(
+            api::<crate::istio::VirtualService>(&client, namespace),
+            owned,
+        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -99,7 +132,9 @@ pub async fn reconcile(release: Arc<ChatRelease>, ctx: Arc<Context>) -> Result<A
     let started = std::time::Instant::now();
     let result = reconcile_inner(&release, &ctx).instrument(span).await;
     match (&result, &ctx.observer) {
-        (Ok((_, Some(decision))), Some(observer)) => observer.reconciled(&release, decision, started.elapsed()),
+        (Ok((_, Some(decision))), Some(observer)) => {
+            observer.reconciled(&release, decision, started.elapsed())
+        }
         (Err(error), Some(observer)) => observer.failed(&release, error),
         _ => {}
     }
@@ -115,8 +150,16 @@ pub fn error_policy(release: Arc<ChatRelease>, error: &Error, ctx: Arc<Context>)
     Action::requeue(ERROR_REQUEUE)
 }
 
-async fn reconcile_inner(release: &ChatRelease, ctx: &Context) -> Result<(Action, Option<Decision>), Error> {
-    let namespace = release.namespace().ok_or_else(|| Error::Missing(format!("ChatRelease {} has no namespace", release.name_any())))?;
+async fn reconcile_inner(
+    release: &ChatRelease,
+    ctx: &Context,
+) -> Result<(Action, Option<Decision>), Error> {
+    let namespace = release.namespace().ok_or_else(|| {
+        Error::Missing(format!(
+            "ChatRelease {} has no namespace",
+            release.name_any()
+        ))
+    })?;
     let name = release.name_any();
     let now = (ctx.clock)();
     let status = release.status.clone().unwrap_or_default();
@@ -124,7 +167,12 @@ async fn reconcile_inner(release: &ChatRelease, ctx: &Context) -> Result<(Action
     let settings = match Settings::from_spec(&release.spec) {
         Ok(settings) => settings,
         Err(problem) => {
-            let next = rollout::spec_rejected(&status, release.metadata.generation, &problem.to_string(), now);
+            let next = rollout::spec_rejected(
+                &status,
+                release.metadata.generation,
+                &problem.to_string(),
+                now,
+            );
             if status.phase != Phase::Failed || status.message != next.message {
                 publish(ctx, release, true, "SpecRejected", &next.message).await;
             }
@@ -137,12 +185,22 @@ async fn reconcile_inner(release: &ChatRelease, ctx: &Context) -> Result<(Action
         generation: release.metadata.generation,
         desired_revision: workload::revision_of(&release.spec.template),
         desired_image: workload::image_of(&release.spec.template),
-        stable: deployment(ctx, &namespace, &name, Track::Stable).as_deref().map(workload::track_state),
-        canary: deployment(ctx, &namespace, &name, Track::Canary).as_deref().map(workload::track_state),
+        stable: deployment(ctx, &namespace, &name, Track::Stable)
+            .as_deref()
+            .map(workload::track_state),
+        canary: deployment(ctx, &namespace, &name, Track::Canary)
+            .as_deref()
+            .map(workload::track_state),
         commands: Commands::from_annotations(release.annotations()),
     };
     let observations = if rollout::analysis_due(&settings, &status, &world.commands, now) {
-        let target = analysis_target(release, &settings, &namespace, &name, &ctx.default_prometheus);
+        let target = analysis_target(
+            release,
+            &settings,
+            &namespace,
+            &name,
+            &ctx.default_prometheus,
+        );
         Some(ctx.metrics.observe(&target).await)
     } else {
         None
@@ -156,7 +214,12 @@ async fn reconcile_inner(release: &ChatRelease, ctx: &Context) -> Result<(Action
         Ok(()) => {}
         Err(error) if error.is_invalid_object() => {
             // The API server refused what the spec asks for: the user must change the spec.
-            let next = rollout::spec_rejected(&status, release.metadata.generation, &error.to_string(), now);
+            let next = rollout::spec_rejected(
+                &status,
+                release.metadata.generation,
+                &error.to_string(),
+                now,
+            );
             if status.phase != Phase::Failed {
                 publish(ctx, release, true, "SpecRejected", &next.message).await;
             }
@@ -173,11 +236,23 @@ async fn reconcile_inner(release: &ChatRelease, ctx: &Context) -> Result<(Action
     Ok((Action::requeue(decision.requeue_after), Some(decision)))
 }
 
-fn deployment(ctx: &Context, namespace: &str, release: &str, track: Track) -> Option<Arc<Deployment>> {
-    ctx.deployments.get(&ObjectRef::new(&track.workload_name(release)).within(namespace))
+fn deployment(
+    ctx: &Context,
+    namespace: &str,
+    release: &str,
+    track: Track,
+) -> Option<Arc<Deployment>> {
+    ctx.deployments
+        .get(&ObjectRef::new(&track.workload_name(release)).within(namespace))
 }
 
-fn analysis_target(release: &ChatRelease, settings: &Settings, namespace: &str, name: &str, default_prometheus: &str) -> AnalysisTarget {
+fn analysis_target(
+    release: &ChatRelease,
+    settings: &Settings,
+    namespace: &str,
+    name: &str,
+    default_prometheus: &str,
+) -> AnalysisTarget {
     AnalysisTarget {
         namespace: namespace.to_string(),
         canary_workload: Track::Canary.workload_name(name),
@@ -196,7 +271,11 @@ fn analysis_target(release: &ChatRelease, settings: &Settings, namespace: &str, 
 /// Service, routing, then Deployments. The traffic split is written before any Deployment
 /// changes: traffic only ever leaves a canary whose template is about to change, and only moves
 /// to pods the decision has seen Ready.
-async fn apply_plan(ctx: &Context, release: &ChatRelease, decision: &Decision) -> Result<(), Error> {
+async fn apply_plan(
+    ctx: &Context,
+    release: &ChatRelease,
+    decision: &Decision,
+) -> Result<(), Error> {
     let namespace = release.namespace().unwrap_or_default();
     let service = workload::service(release);
     apply(ctx, &namespace, &service).await?;
@@ -218,7 +297,13 @@ fn routes_for(plan: &Plan, status: &ChatReleaseStatus) -> Routes {
     }
 }
 
-async fn apply_track(ctx: &Context, release: &ChatRelease, track: Track, plan: TrackPlan, status: &ChatReleaseStatus) -> Result<(), Error> {
+async fn apply_track(
+    ctx: &Context,
+    release: &ChatRelease,
+    track: Track,
+    plan: TrackPlan,
+    status: &ChatReleaseStatus,
+) -> Result<(), Error> {
     let namespace = release.namespace().unwrap_or_default();
     let name = track.workload_name(&release.name_any());
     let live = deployment(ctx, &namespace, &release.name_any(), track);
@@ -227,12 +312,15 @@ async fn apply_track(ctx: &Context, release: &ChatRelease, track: Track, plan: T
         TrackPlan::Keep => Ok(()),
         TrackPlan::ApplyTemplate { replicas } => {
             let revision = workload::revision_of(&release.spec.template);
-            let up_to_date = live_state.as_ref().is_some_and(|s| s.revision.as_deref() == Some(revision.as_str()) && s.replicas == replicas);
+            let up_to_date = live_state.as_ref().is_some_and(|s| {
+                s.revision.as_deref() == Some(revision.as_str()) && s.replicas == replicas
+            });
             if up_to_date {
                 return Ok(());
             }
             info!(track = track.as_str(), %revision, replicas, "applying pod template");
-            let object = workload::deployment(release, track, &release.spec.template, &revision, replicas);
+            let object =
+                workload::deployment(release, track, &release.spec.template, &revision, replicas);
             apply(ctx, &namespace, &object).await
         }
         TrackPlan::Scale { replicas } => match live_state {
@@ -259,17 +347,29 @@ async fn apply_track(ctx: &Context, release: &ChatRelease, track: Track, plan: T
 /// Server-side apply with the operator's one field manager.
 async fn apply<K>(ctx: &Context, namespace: &str, object: &K) -> Result<(), Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::Serialize
+        + serde::de::DeserializeOwned,
 {
     let name = object.meta().name.clone().unwrap_or_default();
     let api = Api::<K>::namespaced(ctx.client.clone(), namespace);
-    let mut value = serde_json::to_value(object).map_err(|source| Error::Serialize { kind: kind_of::<K>(), name: name.clone(), source })?;
+    let mut value = serde_json::to_value(object).map_err(|source| Error::Serialize {
+        kind: kind_of::<K>(),
+        name: name.clone(),
+        source,
+    })?;
     value["apiVersion"] = json!(K::api_version(&()));
     value["kind"] = json!(K::kind(&()));
-    api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(value))
-        .await
-        .map(|_| ())
-        .map_err(|e| Error::kube("apply", kind_of::<K>(), namespace, &name, e))
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(value),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| Error::kube("apply", kind_of::<K>(), namespace, &name, e))
 }
 
 fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
@@ -281,7 +381,12 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
 }
 
 /// One status write per reconcile, and none when nothing changed.
-async fn write_status(ctx: &Context, release: &ChatRelease, before: &ChatReleaseStatus, next: &ChatReleaseStatus) -> Result<(), Error> {
+async fn write_status(
+    ctx: &Context,
+    release: &ChatRelease,
+    before: &ChatReleaseStatus,
+    next: &ChatReleaseStatus,
+) -> Result<(), Error> {
     if before == next && release.status.is_some() {
         return Ok(());
     }
@@ -301,15 +406,29 @@ async fn write_status(ctx: &Context, release: &ChatRelease, before: &ChatRelease
 
 /// Removes one-shot annotations the decision acted on. The `test` op makes sure a value a person
 /// set meanwhile is not removed unseen.
-async fn remove_annotations(ctx: &Context, release: &ChatRelease, consumed: &[Command]) -> Result<(), Error> {
+async fn remove_annotations(
+    ctx: &Context,
+    release: &ChatRelease,
+    consumed: &[Command],
+) -> Result<(), Error> {
     let present = release.annotations();
     let ops: Vec<serde_json::Value> = consumed
         .iter()
         .filter(|c| c.is_one_shot())
-        .filter_map(|c| present.get(c.annotation()).map(|value| (c.annotation(), value)))
+        .filter_map(|c| {
+            present
+                .get(c.annotation())
+                .map(|value| (c.annotation(), value))
+        })
         .flat_map(|(key, value)| {
-            let path = format!("/metadata/annotations/{}", key.replace('~', "~0").replace('/', "~1"));
-            [json!({"op": "test", "path": path, "value": value}), json!({"op": "remove", "path": path})]
+            let path = format!(
+                "/metadata/annotations/{}",
+                key.replace('~', "~0").replace('/', "~1")
+            );
+            [
+                json!({"op": "test", "path": path, "value": value}),
+                json!({"op": "remove", "path": path}),
+            ]
         })
         .collect();
     if ops.is_empty() {
@@ -318,17 +437,34 @@ async fn remove_annotations(ctx: &Context, release: &ChatRelease, consumed: &[Co
     let namespace = release.namespace().unwrap_or_default();
     let name = release.name_any();
     let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
-    let patch: json_patch::Patch = serde_json::from_value(json!(ops)).map_err(|source| Error::Serialize { kind: "object", name: name.clone(), source })?;
+    let patch: json_patch::Patch =
+        serde_json::from_value(json!(ops)).map_err(|source| Error::Serialize {
+            kind: "object",
+            name: name.clone(),
+            source,
+        })?;
     api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
         .await
         .map(|_| ())
-        .map_err(|e| Error::kube("remove annotations from", "ChatRelease", &namespace, &name, e))
+        .map_err(|e| {
+            Error::kube(
+                "remove annotations from",
+                "ChatRelease",
+                &namespace,
+                &name,
+                e,
+            )
+        })
 }
 
 /// Events are best effort: failing to record one must not stop a rollback.
 async fn publish(ctx: &Context, release: &ChatRelease, warning: bool, reason: &str, note: &str) {
     let event = Event {
-        type_: if warning { EventType::Warning } else { EventType::Normal },
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
         action: "Reconcile".into(),

@@ -99,6 +99,7 @@ pub struct Traffic {
     pub istio: IstioTraffic,
     /// Requests that always go to the canary while one runs (testers, a premium tier).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub canary_match: Vec<HttpMatch>,
     /// Cookie that keeps a user on the version they first got, both ways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,9 +114,11 @@ pub struct Traffic {
 pub struct IstioTraffic {
     /// Hosts of the VirtualService. Default: the Service's in-cluster name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
     pub hosts: Vec<String>,
     /// Gateways the VirtualService binds to (`namespace/name`). Default: the mesh only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub gateways: Vec<String>,
 }
 
@@ -125,11 +128,14 @@ pub struct IstioTraffic {
 #[x_kube(validation = kube::core::Rule::new("has(self.headers) || has(self.uri) || has(self.queryParams)")
     .message("a canaryMatch entry needs headers, uri or queryParams"))]
 pub struct HttpMatch {
+    /// Header name to match (lower case, `cookie` for cookies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 16))]
     pub headers: Option<BTreeMap<String, StringMatch>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<StringMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 16))]
     pub query_params: Option<BTreeMap<String, StringMatch>>,
 }
 
@@ -140,10 +146,13 @@ pub struct HttpMatch {
     .message("a string match needs exactly one of exact, prefix or regex"))]
 pub struct StringMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub exact: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub regex: Option<String>,
 }
 

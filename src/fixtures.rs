@@ -50,7 +50,10 @@ impl ChatRelease {
     }
 
     pub fn annotated(mut self, key: &str) -> Self {
-        self.metadata.annotations.get_or_insert_with(Default::default).insert(key.into(), "true".into());
+        self.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(key.into(), "true".into());
         self
     }
 
@@ -71,7 +74,12 @@ pub fn settled_status(stable: &ChatRelease) -> ChatReleaseStatus {
 }
 
 /// Status of a canary of `canary` at step `step`, entered at `since`.
-pub fn canary_status(stable: &ChatRelease, canary: &ChatRelease, step: i32, since: Timestamp) -> ChatReleaseStatus {
+pub fn canary_status(
+    stable: &ChatRelease,
+    canary: &ChatRelease,
+    step: i32,
+    since: Timestamp,
+) -> ChatReleaseStatus {
     let steps = [5, 25, 50, 100];
     ChatReleaseStatus {
         phase: Phase::Progressing,
@@ -87,7 +95,13 @@ pub fn canary_status(stable: &ChatRelease, canary: &ChatRelease, step: i32, sinc
 
 /// The Deployment a track has when it runs `release`'s template with `ready` of `replicas` Ready.
 pub fn deployment(release: &ChatRelease, track: Track, replicas: i32, ready: i32) -> Deployment {
-    let mut d = workload::deployment(release, track, &release.spec.template, &release.revision(), replicas);
+    let mut d = workload::deployment(
+        release,
+        track,
+        &release.spec.template,
+        &release.revision(),
+        replicas,
+    );
     d.metadata.generation = Some(1);
     d.status = Some(DeploymentStatus {
         observed_generation: Some(1),
@@ -115,7 +129,10 @@ impl FixedMetrics {
             custom: Default::default(),
         };
         Self {
-            observations: Observations::Sampled { canary: track(2000.0, 2.0), stable: track(38000.0, 40.0) },
+            observations: Observations::Sampled {
+                canary: track(2000.0, 2.0),
+                stable: track(38000.0, 40.0),
+            },
             asked: AtomicUsize::new(0),
         }
     }
@@ -160,32 +177,54 @@ impl ApiServer {
 
     /// Calls that wrote something (everything but Events).
     pub fn writes(&self) -> Vec<Call> {
-        self.calls().into_iter().filter(|c| c.method != "GET" && !c.uri.contains("/events")).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.method != "GET" && !c.uri.contains("/events"))
+            .collect()
     }
 
     pub fn events(&self) -> Vec<Value> {
-        self.calls().into_iter().filter(|c| c.uri.contains("/events")).map(|c| c.body).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.uri.contains("/events"))
+            .map(|c| c.body)
+            .collect()
     }
 
     pub fn virtual_service_writes(&self) -> Vec<Value> {
-        self.calls().into_iter().filter(|c| c.is("PATCH", "/virtualservices/")).map(|c| c.body).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.is("PATCH", "/virtualservices/"))
+            .map(|c| c.body)
+            .collect()
     }
 
     pub fn deployment_applies(&self, track: Track) -> Vec<Value> {
         let path = format!("/deployments/{}?", track.workload_name(NAME));
-        self.calls().into_iter().filter(|c| c.is("PATCH", &path)).map(|c| c.body).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.is("PATCH", &path))
+            .map(|c| c.body)
+            .collect()
     }
 
     pub fn scale_writes(&self, track: Track) -> Vec<Value> {
         let path = format!("/deployments/{}/scale", track.workload_name(NAME));
-        self.calls().into_iter().filter(|c| c.is("PATCH", &path)).map(|c| c.body).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.is("PATCH", &path))
+            .map(|c| c.body)
+            .collect()
     }
 
     pub fn status_writes(&self) -> Vec<ChatReleaseStatus> {
         self.calls()
             .into_iter()
             .filter(|c| c.is("PATCH", "/chatreleases/lobe-chat/status"))
-            .map(|c| serde_json::from_value(c.body["status"].clone()).expect("status body is a ChatReleaseStatus"))
+            .map(|c| {
+                serde_json::from_value(c.body["status"].clone())
+                    .expect("status body is a ChatReleaseStatus")
+            })
             .collect()
     }
 }
@@ -203,11 +242,24 @@ pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
         while let Some((request, send)) = handle.next_request().await {
             let method = request.method().to_string();
             let uri = request.uri().to_string();
-            let bytes = request.into_body().collect_bytes().await.unwrap_or_default();
+            let bytes = request
+                .into_body()
+                .collect_bytes()
+                .await
+                .unwrap_or_default();
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            calls.lock().expect("calls lock").push(Call { method: method.clone(), uri: uri.clone(), body: body.clone() });
+            calls.lock().expect("calls lock").push(Call {
+                method: method.clone(),
+                uri: uri.clone(),
+                body: body.clone(),
+            });
             let answer = answer(&uri, &body, &stored);
-            send.send_response(Response::builder().status(200).body(Body::from(serde_json::to_vec(&answer).unwrap_or_default())).expect("response"));
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()))
+                    .expect("response"),
+            );
         }
     });
     (client_from(service), server)
@@ -222,13 +274,21 @@ fn client_from(service: tower_test::mock::Mock<Request<Body>, Response<Body>>) -
 fn answer(uri: &str, body: &Value, stored: &Mutex<ChatRelease>) -> Value {
     if uri.contains("/chatreleases/") {
         let mut release = stored.lock().expect("release lock");
-        if let Some(status) = uri.contains("/status").then(|| serde_json::from_value(body["status"].clone()).ok()).flatten() {
+        if let Some(status) = uri
+            .contains("/status")
+            .then(|| serde_json::from_value(body["status"].clone()).ok())
+            .flatten()
+        {
             release.status = Some(status);
         }
         return serde_json::to_value(&*release).unwrap_or(Value::Null);
     }
     if uri.contains("/scale") {
-        let name = uri.split("/deployments/").nth(1).and_then(|s| s.split('/').next()).unwrap_or_default();
+        let name = uri
+            .split("/deployments/")
+            .nth(1)
+            .and_then(|s| s.split('/').next())
+            .unwrap_or_default();
         return json!({"apiVersion": "autoscaling/v1", "kind": "Scale",
                       "metadata": {"name": name, "namespace": NAMESPACE}, "spec": body["spec"].clone()});
     }
@@ -259,13 +319,26 @@ impl Harness {
         let metrics = Arc::new(FixedMetrics::healthy());
         let now = Arc::new(Mutex::new(now));
         let clock_now = now.clone();
-        let mut ctx = Context::new(client.clone(), store, Arc::new(IstioRouter::new(client)), metrics.clone(), "http://prometheus.test:9090".into());
+        let mut ctx = Context::new(
+            client.clone(),
+            store,
+            Arc::new(IstioRouter::new(client)),
+            metrics.clone(),
+            "http://prometheus.test:9090".into(),
+        );
         ctx.clock = Arc::new(move || *clock_now.lock().expect("clock lock"));
-        Self { ctx: Arc::new(ctx), server, deployments, metrics, now }
+        Self {
+            ctx: Arc::new(ctx),
+            server,
+            deployments,
+            metrics,
+            now,
+        }
     }
 
     pub fn set_deployment(&mut self, deployment: Deployment) {
-        self.deployments.apply_watcher_event(&watcher::Event::Apply(deployment));
+        self.deployments
+            .apply_watcher_event(&watcher::Event::Apply(deployment));
     }
 
     pub fn set_time(&self, now: Timestamp) {
@@ -281,10 +354,13 @@ impl Harness {
     pub async fn reconcile(&self) -> kube::runtime::controller::Action {
         self.server.clear();
         let release = Arc::new(self.stored());
-        tokio::time::timeout(std::time::Duration::from_secs(5), crate::controller::reconcile(release, self.ctx.clone()))
-            .await
-            .expect("reconcile finished in time")
-            .expect("reconcile succeeded")
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            crate::controller::reconcile(release, self.ctx.clone()),
+        )
+        .await
+        .expect("reconcile finished in time")
+        .expect("reconcile succeeded")
     }
 
     /// Replaces the stored object's spec and annotations, as `kubectl apply` or `annotate` would.
@@ -298,7 +374,9 @@ impl Harness {
 
 /// (stable, canary) weights of the weighted split in a VirtualService body.
 pub fn split(virtual_service: &Value) -> (i64, i64) {
-    let routes = virtual_service["spec"]["http"].as_array().expect("http routes");
+    let routes = virtual_service["spec"]["http"]
+        .as_array()
+        .expect("http routes");
     let primary = routes.last().expect("a weighted route");
     let weight_of = |subset: &str| {
         primary["route"]
@@ -313,17 +391,26 @@ pub fn split(virtual_service: &Value) -> (i64, i64) {
 
 /// The revision label on an applied Deployment's pod template.
 pub fn applied_revision(deployment: &Value) -> String {
-    deployment["spec"]["template"]["metadata"]["labels"][LABEL_REVISION].as_str().unwrap_or_default().to_string()
+    deployment["spec"]["template"]["metadata"]["labels"][LABEL_REVISION]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The field manager the reconciler used for a call.
 pub fn field_manager(call: &Call) -> Option<String> {
-    call.uri.split(['?', '&']).find_map(|kv| kv.strip_prefix("fieldManager=")).map(str::to_string)
+    call.uri
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("fieldManager="))
+        .map(str::to_string)
 }
 
 pub fn owner_is_release(object: &Value) -> bool {
     let owner = &object["metadata"]["ownerReferences"][0];
-    owner["kind"] == "ChatRelease" && owner["name"] == NAME && owner["controller"] == true && ChatRelease::kind(&()) == "ChatRelease"
+    owner["kind"] == "ChatRelease"
+        && owner["name"] == NAME
+        && owner["controller"] == true
+        && ChatRelease::kind(&()) == "ChatRelease"
 }
 
 pub const OPERATOR: &str = MANAGER;

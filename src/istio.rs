@@ -699,7 +699,10 @@ mod tests {
             assert_eq!(owner.name, "lobe-chat");
             assert_eq!(owner.uid, "u-1");
             assert_eq!(owner.controller, Some(true));
-            assert_eq!(meta.labels.as_ref().unwrap()[crate::annotations::LABEL_MANAGED_BY], MANAGER);
+            assert_eq!(
+                meta.labels.as_ref().unwrap()[crate::annotations::LABEL_MANAGED_BY],
+                MANAGER
+            );
         }
     }
 

@@ -5,9 +5,9 @@
 
 pub mod annotations;
 pub mod cli;
+pub mod controller;
 pub mod crd;
 pub mod crd_yaml;
-pub mod controller;
 pub mod error;
 #[cfg(test)]
 mod fixtures;

@@ -21,7 +21,11 @@ fn last_status(h: &Harness) -> crate::crd::ChatReleaseStatus {
 }
 
 fn event_reasons(h: &Harness) -> Vec<String> {
-    h.server.events().iter().map(|e| e["reason"].as_str().unwrap_or_default().to_string()).collect()
+    h.server
+        .events()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 #[tokio::test]
@@ -36,14 +40,40 @@ async fn first_apply_runs_stable_only_with_all_traffic_on_it() {
     let stable = h.server.deployment_applies(Track::Stable);
     assert_eq!(stable.len(), 1);
     assert_eq!(stable[0]["spec"]["replicas"], 2);
-    assert_eq!(stable[0]["spec"]["template"]["spec"]["containers"][0]["image"], "lobehub/lobe-chat:v1");
+    assert_eq!(
+        stable[0]["spec"]["template"]["spec"]["containers"][0]["image"],
+        "lobehub/lobe-chat:v1"
+    );
     assert!(owner_is_release(&stable[0]));
     let canary = h.server.deployment_applies(Track::Canary);
-    assert_eq!(canary[0]["spec"]["replicas"], 0, "the canary Deployment exists with no pods");
-    assert!(h.server.calls().iter().any(|c| c.is("PATCH", "/services/lobe-chat?")));
-    assert!(h.server.calls().iter().any(|c| c.is("PATCH", "/destinationrules/lobe-chat?")));
-    for call in h.server.writes().iter().filter(|c| c.uri.contains("fieldManager")) {
-        assert_eq!(field_manager(call).as_deref(), Some(OPERATOR), "{}", call.uri);
+    assert_eq!(
+        canary[0]["spec"]["replicas"], 0,
+        "the canary Deployment exists with no pods"
+    );
+    assert!(
+        h.server
+            .calls()
+            .iter()
+            .any(|c| c.is("PATCH", "/services/lobe-chat?"))
+    );
+    assert!(
+        h.server
+            .calls()
+            .iter()
+            .any(|c| c.is("PATCH", "/destinationrules/lobe-chat?"))
+    );
+    for call in h
+        .server
+        .writes()
+        .iter()
+        .filter(|c| c.uri.contains("fieldManager"))
+    {
+        assert_eq!(
+            field_manager(call).as_deref(),
+            Some(OPERATOR),
+            "{}",
+            call.uri
+        );
     }
     assert_eq!(last_status(&h).phase, Phase::Initializing);
 
@@ -53,9 +83,16 @@ async fn first_apply_runs_stable_only_with_all_traffic_on_it() {
     let status = last_status(&h);
     assert_eq!(status.phase, Phase::Stable);
     assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v1"));
-    assert!(h.server.deployment_applies(Track::Stable).is_empty(), "an up-to-date Deployment is not re-applied");
+    assert!(
+        h.server.deployment_applies(Track::Stable).is_empty(),
+        "an up-to-date Deployment is not re-applied"
+    );
     assert!(event_reasons(&h).contains(&"StableReady".to_string()));
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready condition");
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready condition");
     assert_eq!(ready.status, "True");
 }
 
@@ -71,19 +108,36 @@ async fn template_change_starts_a_canary_that_gets_weight_only_once_its_pods_are
     h.reconcile().await;
     let canary = h.server.deployment_applies(Track::Canary);
     assert_eq!(canary.len(), 1);
-    assert_eq!(canary[0]["spec"]["template"]["spec"]["containers"][0]["image"], "lobehub/lobe-chat:v2");
+    assert_eq!(
+        canary[0]["spec"]["template"]["spec"]["containers"][0]["image"],
+        "lobehub/lobe-chat:v2"
+    );
     assert_eq!(applied_revision(&canary[0]), v2.revision());
     assert_eq!(canary[0]["spec"]["replicas"], 2);
-    assert!(h.server.deployment_applies(Track::Stable).is_empty(), "stable keeps v1");
+    assert!(
+        h.server.deployment_applies(Track::Stable).is_empty(),
+        "stable keeps v1"
+    );
     assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0));
     let status = last_status(&h);
-    assert_eq!((status.phase, status.canary_weight), (Phase::Progressing, 0));
+    assert_eq!(
+        (status.phase, status.canary_weight),
+        (Phase::Progressing, 0)
+    );
     assert_eq!(status.canary_revision, Some(v2.revision()));
 
     h.set_deployment(deployment(&v2, Track::Canary, 2, 1));
     h.reconcile().await;
-    assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0), "no weight to pods that are not Ready");
-    assert!(last_status(&h).message.contains("1/2 Ready"), "{}", last_status(&h).message);
+    assert_eq!(
+        split(&h.server.virtual_service_writes()[0]),
+        (100, 0),
+        "no weight to pods that are not Ready"
+    );
+    assert!(
+        last_status(&h).message.contains("1/2 Ready"),
+        "{}",
+        last_status(&h).message
+    );
 
     h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
     h.reconcile().await;
@@ -111,7 +165,11 @@ async fn canary_pods_not_ready_by_the_progress_deadline_roll_back() {
     h.reconcile().await;
     let status = last_status(&h);
     assert_eq!(status.phase, Phase::RolledBack);
-    assert!(status.message.contains("not Ready within progressDeadline"), "{}", status.message);
+    assert!(
+        status.message.contains("not Ready within progressDeadline"),
+        "{}",
+        status.message
+    );
     assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0));
 }
 
@@ -119,7 +177,10 @@ async fn canary_pods_not_ready_by_the_progress_deadline_roll_back() {
 async fn rollback_annotation_moves_all_traffic_in_one_virtualservice_write() {
     let v1 = ChatRelease::test("v1");
     let v2 = ChatRelease::test("v2");
-    let at_25 = v2.clone().with_status(canary_status(&v1, &v2, 1, t0())).annotated(ROLLBACK);
+    let at_25 = v2
+        .clone()
+        .with_status(canary_status(&v1, &v2, 1, t0()))
+        .annotated(ROLLBACK);
     let mut h = Harness::new(&at_25, t0() + SignedDuration::from_secs(20));
     h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
     h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
@@ -129,20 +190,49 @@ async fn rollback_annotation_moves_all_traffic_in_one_virtualservice_write() {
     assert_eq!(vs.len(), 1, "one write of the VirtualService");
     assert_eq!(split(&vs[0]), (100, 0));
     let routes = vs[0]["spec"]["http"].as_array().expect("routes");
-    assert_eq!(routes.len(), 1, "no canary-match or canary-cookie route is left: {routes:?}");
+    assert_eq!(
+        routes.len(),
+        1,
+        "no canary-match or canary-cookie route is left: {routes:?}"
+    );
 
     let status = last_status(&h);
     assert_eq!((status.phase, status.canary_weight), (Phase::RolledBack, 0));
-    assert!(status.message.contains("rolled back by the chatrelease.io/rollback annotation"));
+    assert!(
+        status
+            .message
+            .contains("rolled back by the chatrelease.io/rollback annotation")
+    );
 
-    let removal = h.server.calls().into_iter().find(|c| c.is("PATCH", "/chatreleases/lobe-chat?")).expect("annotation removal");
+    let removal = h
+        .server
+        .calls()
+        .into_iter()
+        .find(|c| c.is("PATCH", "/chatreleases/lobe-chat?"))
+        .expect("annotation removal");
     assert_eq!(removal.body[0]["op"], "test");
-    assert_eq!(removal.body[1], serde_json::json!({"op": "remove", "path": "/metadata/annotations/chatrelease.io~1rollback"}));
-    let rolled_back = h.server.events().into_iter().find(|e| e["reason"] == "RolledBack").expect("RolledBack event");
+    assert_eq!(
+        removal.body[1],
+        serde_json::json!({"op": "remove", "path": "/metadata/annotations/chatrelease.io~1rollback"})
+    );
+    let rolled_back = h
+        .server
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "RolledBack")
+        .expect("RolledBack event");
     assert_eq!(rolled_back["type"], "Warning");
 
-    assert!(h.server.deployment_applies(Track::Canary).is_empty() && h.server.scale_writes(Track::Canary).is_empty(), "canary pods stay to drain");
-    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 0, "no analysis when rolling back");
+    assert!(
+        h.server.deployment_applies(Track::Canary).is_empty()
+            && h.server.scale_writes(Track::Canary).is_empty(),
+        "canary pods stay to drain"
+    );
+    assert_eq!(
+        h.metrics.asked.load(Ordering::SeqCst),
+        0,
+        "no analysis when rolling back"
+    );
 }
 
 #[tokio::test]
@@ -159,7 +249,11 @@ async fn promotion_updates_stable_first_returns_traffic_when_it_is_whole_then_dr
     let stable = h.server.deployment_applies(Track::Stable);
     assert_eq!(stable.len(), 1, "stable gets the new template");
     assert_eq!(applied_revision(&stable[0]), v2.revision());
-    assert_eq!(split(&h.server.virtual_service_writes()[0]), (0, 100), "traffic stays on the canary meanwhile");
+    assert_eq!(
+        split(&h.server.virtual_service_writes()[0]),
+        (0, 100),
+        "traffic stays on the canary meanwhile"
+    );
     assert_eq!(last_status(&h).phase, Phase::Promoting);
 
     let mut rolling = deployment(&v2, Track::Stable, 2, 1);
@@ -167,7 +261,11 @@ async fn promotion_updates_stable_first_returns_traffic_when_it_is_whole_then_dr
     h.set_deployment(rolling);
     h.set_time(t0() + minutes(2));
     h.reconcile().await;
-    assert_eq!(split(&h.server.virtual_service_writes()[0]), (0, 100), "stable is not whole yet");
+    assert_eq!(
+        split(&h.server.virtual_service_writes()[0]),
+        (0, 100),
+        "stable is not whole yet"
+    );
 
     h.set_deployment(deployment(&v2, Track::Stable, 2, 2));
     h.reconcile().await;
@@ -175,11 +273,17 @@ async fn promotion_updates_stable_first_returns_traffic_when_it_is_whole_then_dr
     let status = last_status(&h);
     assert_eq!(status.phase, Phase::Succeeded);
     assert_eq!(status.stable_revision, Some(v2.revision()));
-    assert!(h.server.scale_writes(Track::Canary).is_empty(), "canary pods drain first");
+    assert!(
+        h.server.scale_writes(Track::Canary).is_empty(),
+        "canary pods drain first"
+    );
 
     h.set_time(t0() + minutes(6));
     h.reconcile().await;
-    assert!(h.server.scale_writes(Track::Canary).is_empty(), "still within drainTimeout");
+    assert!(
+        h.server.scale_writes(Track::Canary).is_empty(),
+        "still within drainTimeout"
+    );
 
     h.set_time(t0() + minutes(7));
     h.reconcile().await;
@@ -199,7 +303,11 @@ async fn one_analysis_per_interval_even_across_a_restart() {
     h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
 
     h.reconcile().await;
-    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 0, "not due before the interval");
+    assert_eq!(
+        h.metrics.asked.load(Ordering::SeqCst),
+        0,
+        "not due before the interval"
+    );
     h.set_time(t0() + minutes(1));
     h.reconcile().await;
     assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 1);
@@ -222,12 +330,35 @@ async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
     h.reconcile().await;
     let status = last_status(&h);
     assert_eq!(status.phase, Phase::Failed);
-    assert!(status.message.contains("spec.strategy.steps"), "{}", status.message);
-    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").expect("Ready condition");
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SpecRejected"));
+    assert!(
+        status.message.contains("spec.strategy.steps"),
+        "{}",
+        status.message
+    );
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready condition");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "SpecRejected")
+    );
     assert!(event_reasons(&h).contains(&"SpecRejected".to_string()));
-    let writes: Vec<_> = h.server.writes().into_iter().filter(|c| !c.uri.contains("/status")).collect();
-    assert!(writes.is_empty(), "nothing but status is written: {writes:?}");
-    assert_eq!(h.stored().spec.strategy.steps, vec![50, 25, 100], "the user's spec is left as written");
+    let writes: Vec<_> = h
+        .server
+        .writes()
+        .into_iter()
+        .filter(|c| !c.uri.contains("/status"))
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "nothing but status is written: {writes:?}"
+    );
+    assert_eq!(
+        h.stored().spec.strategy.steps,
+        vec![50, 25, 100],
+        "the user's spec is left as written"
+    );
     let _ = LABEL_REVISION;
 }

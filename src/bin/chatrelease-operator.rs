@@ -38,6 +38,9 @@ struct RunArgs {
     /// Longest a single Prometheus query may take before the analysis counts as inconclusive.
     #[arg(long, env = "PROMETHEUS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     prometheus_timeout: Duration,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    namespace: Option<String>,
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -101,7 +104,7 @@ async fn run(args: RunArgs) -> ExitCode {
     let metrics = Arc::new(PrometheusSource::new(args.prometheus_timeout));
     let prometheus_url = args.prometheus_url.clone();
     let ctx_client = client.clone();
-    controller::run(client, move |deployments| {
+    controller::run(client, args.namespace.as_deref(), move |deployments| {
         Context::new(ctx_client, deployments, router, metrics, prometheus_url)
     })
     .await;
