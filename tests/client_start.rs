@@ -23,5 +23,8 @@ async fn a_kube_client_and_a_prometheus_client_start_in_one_process() {
     };
     use chatrelease::metrics::{MetricsSource, Observations};
     let observed = source.observe(&target).await;
-    assert!(matches!(observed, Observations::Unavailable { .. }), "{observed:?}");
+    assert!(
+        matches!(observed, Observations::Unavailable { .. }),
+        "{observed:?}"
+    );
 }

@@ -29,7 +29,10 @@ fn crd_has_short_name_status_and_printer_columns() {
         .iter()
         .map(|c| c["name"].as_str().unwrap_or_default())
         .collect();
-    assert_eq!(columns, ["Phase", "Weight", "Stable", "Canary", "Message", "Age"]);
+    assert_eq!(
+        columns,
+        ["Phase", "Weight", "Stable", "Canary", "Message", "Age"]
+    );
 }
 
 #[test]
@@ -47,7 +50,8 @@ fn crd_states_the_rules_a_schema_can_check() {
         assert!(yaml.contains(message), "the CRD lacks the rule: {message}");
     }
     let crd: serde_yaml::Value = serde_yaml::from_str(&yaml).expect("YAML");
-    let analysis = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["analysis"]["properties"];
+    let analysis = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["analysis"]["properties"];
     assert_eq!(analysis["failureLimit"]["minimum"].as_f64(), Some(1.0));
     assert_eq!(analysis["minRequests"]["minimum"].as_f64(), Some(1.0));
     assert_eq!(analysis["failureLimit"]["default"].as_i64(), Some(2));
