@@ -76,6 +76,25 @@ async fn first_apply_runs_stable_only_with_all_traffic_on_it() {
         );
     }
     assert_eq!(last_status(&h).phase, Phase::Initializing);
+    // Owner references are what make deleting the ChatRelease delete all of these.
+    let applied: Vec<_> = h
+        .server
+        .writes()
+        .into_iter()
+        .filter(|c| c.uri.contains("fieldManager") && !c.uri.contains("/status"))
+        .collect();
+    assert_eq!(
+        applied.len(),
+        5,
+        "Service, DestinationRule, VirtualService and two Deployments"
+    );
+    for call in &applied {
+        assert!(
+            owner_is_release(&call.body),
+            "{} has no controller owner reference",
+            call.uri
+        );
+    }
 
     h.set_deployment(deployment(&release, Track::Stable, 2, 2));
     h.set_deployment(deployment(&release, Track::Canary, 0, 0));

@@ -936,3 +936,326 @@ fn conditions(
     })
     .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::ChatRelease;
+    use crate::metrics::TrackSample;
+
+    fn t(minutes: i64) -> Timestamp {
+        Timestamp::UNIX_EPOCH + SignedDuration::from_secs(minutes * 60)
+    }
+
+    struct Case {
+        settings: Settings,
+        status: ChatReleaseStatus,
+        world: World,
+    }
+
+    fn ready(revision: &str) -> TrackState {
+        TrackState {
+            revision: Some(revision.into()),
+            replicas: 2,
+            ready_replicas: 2,
+            updated_replicas: 2,
+            observed: true,
+        }
+    }
+
+    /// A canary `v2` at `step`, entered at t(0), over a ready stable `v1`.
+    fn canary_at(step: i32) -> Case {
+        let spec = ChatRelease::test("v2").spec;
+        let settings = Settings::from_spec(&spec).unwrap();
+        let status = ChatReleaseStatus {
+            phase: Phase::Progressing,
+            canary_weight: settings.weight_at(Some(step)),
+            current_step: Some(step),
+            stable_revision: Some("v1".into()),
+            canary_revision: Some("v2".into()),
+            step_started_at: Some(Time(t(0))),
+            canary_started_at: Some(Time(t(0))),
+            ..Default::default()
+        };
+        let world = World {
+            generation: Some(1),
+            desired_revision: "v2".into(),
+            desired_image: "lobe-chat:v2".into(),
+            stable: Some(ready("v1")),
+            canary: Some(ready("v2")),
+            commands: Commands::default(),
+        };
+        Case {
+            settings,
+            status,
+            world,
+        }
+    }
+
+    fn healthy() -> Observations {
+        let track = |n: f64| TrackSample {
+            requests: Some(n),
+            errors: Some(0.0),
+            latency_p99_ms: Some(100.0),
+            custom: Default::default(),
+        };
+        Observations::Sampled {
+            canary: track(1000.0),
+            stable: track(9000.0),
+        }
+    }
+
+    fn shared_outage() -> Observations {
+        let track = |n: f64| TrackSample {
+            requests: Some(n),
+            errors: Some(n * 0.12),
+            latency_p99_ms: Some(100.0),
+            custom: Default::default(),
+        };
+        Observations::Sampled {
+            canary: track(1000.0),
+            stable: track(9000.0),
+        }
+    }
+
+    impl Case {
+        fn decide(&self, observations: Option<&Observations>, now: Timestamp) -> Decision {
+            decide(&self.settings, &self.status, &self.world, observations, now)
+        }
+    }
+
+    fn reasons(d: &Decision) -> Vec<&str> {
+        d.notices.iter().map(|n| n.reason).collect()
+    }
+
+    #[test]
+    fn retry_starts_a_rolled_back_revision_again_and_is_consumed() {
+        let mut case = canary_at(1);
+        case.status.phase = Phase::RolledBack;
+        case.status.current_step = None;
+        case.status.canary_weight = 0;
+        let d = case.decide(None, t(30));
+        assert_eq!(
+            d.action,
+            Action::None,
+            "without retry a rolled-back revision stays rolled back"
+        );
+
+        case.world.commands.retry = true;
+        let d = case.decide(None, t(30));
+        assert_eq!(d.action, Action::StartCanary);
+        assert_eq!(d.status.phase, Phase::Progressing);
+        assert_eq!(d.consumed, vec![Command::Retry]);
+        assert!(reasons(&d).contains(&"Retry"));
+        assert_eq!(d.plan.canary, TrackPlan::ApplyTemplate { replicas: 2 });
+    }
+
+    #[test]
+    fn retry_waits_for_the_old_canary_pods_to_drain() {
+        let mut case = canary_at(1);
+        case.status.phase = Phase::RolledBack;
+        case.status.current_step = None;
+        case.status.draining_since = Some(Time(t(0)));
+        case.world.commands.retry = true;
+        let d = case.decide(None, t(2));
+        assert_eq!(d.action, Action::AwaitCanary);
+        assert_eq!(
+            d.plan.canary,
+            TrackPlan::Keep,
+            "draining pods are not replaced"
+        );
+    }
+
+    #[test]
+    fn pause_freezes_the_weight_and_skips_analysis_until_removed() {
+        let mut case = canary_at(1);
+        case.world.commands.pause = true;
+        assert!(!analysis_due(
+            &case.settings,
+            &case.status,
+            &case.world.commands,
+            t(5)
+        ));
+        let d = case.decide(None, t(5));
+        assert_eq!(
+            (d.action, d.status.phase, d.status.canary_weight),
+            (Action::Wait, Phase::Paused, 25)
+        );
+        assert!(d.consumed.is_empty(), "pause is not one-shot");
+        assert!(reasons(&d).contains(&"Paused"));
+
+        case.status = d.status;
+        case.world.commands.pause = false;
+        let d = case.decide(Some(&healthy()), t(6));
+        assert!(reasons(&d).contains(&"Resumed"));
+        assert_eq!(d.action, Action::Advance { from: 25, to: 50 });
+    }
+
+    #[test]
+    fn rollback_annotation_sends_everything_to_stable_and_drains() {
+        let mut case = canary_at(2);
+        case.world.commands.rollback = true;
+        let d = case.decide(None, t(1));
+        assert_eq!(d.action, Action::Rollback);
+        assert_eq!((d.plan.canary_weight, d.plan.canary_routes), (0, false));
+        assert_eq!(d.plan.canary, TrackPlan::Keep);
+        assert_eq!(d.status.draining_since, Some(Time(t(1))));
+        assert_eq!(d.consumed, vec![Command::Rollback]);
+    }
+
+    #[test]
+    fn a_new_template_mid_canary_withdraws_traffic_then_starts_after_the_drain() {
+        let mut case = canary_at(1);
+        case.world.desired_revision = "v3".into();
+        let d = case.decide(None, t(1));
+        assert_eq!(d.plan.canary_weight, 0);
+        assert_eq!(
+            d.plan.canary,
+            TrackPlan::Keep,
+            "v2 pods drain before v3 replaces them"
+        );
+        assert_eq!(d.status.canary_revision.as_deref(), Some("v3"));
+        assert!(reasons(&d).contains(&"CanarySuperseded"));
+
+        case.status = d.status;
+        let d = case.decide(None, t(7));
+        assert_eq!(d.action, Action::StartCanary);
+        assert_eq!(d.plan.canary, TrackPlan::ApplyTemplate { replicas: 2 });
+        assert_eq!(d.status.canary_started_at, Some(Time(t(7))));
+    }
+
+    #[test]
+    fn setting_the_template_back_to_stable_withdraws_the_canary() {
+        let mut case = canary_at(1);
+        case.world.desired_revision = "v1".into();
+        let d = case.decide(None, t(1));
+        assert_eq!((d.status.phase, d.plan.canary_weight), (Phase::Stable, 0));
+        assert!(reasons(&d).contains(&"CanaryWithdrawn"));
+    }
+
+    #[test]
+    fn promote_without_a_waiting_gate_is_removed_with_an_event() {
+        let mut case = canary_at(0);
+        case.world.commands.promote = true;
+        let d = case.decide(None, t(0) + SignedDuration::from_secs(10));
+        assert_eq!(d.action, Action::None);
+        assert_eq!(d.consumed, vec![Command::Promote]);
+        assert!(reasons(&d).contains(&"AnnotationIgnored"));
+    }
+
+    #[test]
+    fn inconclusive_longer_than_the_deadline_pauses_and_a_person_can_promote() {
+        let mut case = canary_at(0);
+        let mut now = t(1);
+        for _ in 0..10 {
+            let d = case.decide(Some(&shared_outage()), now);
+            assert_eq!(d.action, Action::Hold);
+            assert_eq!(d.status.failed_checks, 0, "inconclusive is not a failure");
+            case.status = d.status;
+            now += SignedDuration::from_secs(60);
+        }
+        let d = case.decide(Some(&shared_outage()), now);
+        assert_eq!(
+            (d.status.phase, d.status.pause_reason),
+            (Phase::Paused, Some(PauseReason::Inconclusive))
+        );
+        assert!(
+            d.status.message.contains("progressDeadline"),
+            "{}",
+            d.status.message
+        );
+        case.status = d.status;
+        case.world.commands.promote = true;
+        let d = case.decide(None, now + SignedDuration::from_secs(5));
+        assert_eq!(d.action, Action::Advance { from: 5, to: 25 });
+        assert_eq!(d.consumed, vec![Command::Promote]);
+    }
+
+    #[test]
+    fn a_gate_on_the_first_step_keeps_the_canary_dark_until_promoted() {
+        let mut case = canary_at(0);
+        case.settings.manual_gates = vec![5];
+        case.status.current_step = None;
+        case.status.canary_weight = 0;
+        let d = case.decide(None, t(1));
+        assert_eq!(
+            (d.action, d.status.phase, d.plan.canary_weight),
+            (Action::Wait, Phase::Paused, 0)
+        );
+        case.status = d.status;
+        case.world.commands.promote = true;
+        let d = case.decide(None, t(2));
+        assert_eq!(d.action, Action::Advance { from: 0, to: 5 });
+    }
+
+    #[test]
+    fn rollback_during_promotion_is_refused_with_an_explanation() {
+        let mut case = canary_at(3);
+        case.status.phase = Phase::Promoting;
+        case.world.commands.rollback = true;
+        let d = case.decide(None, t(1));
+        assert_eq!(d.status.phase, Phase::Promoting);
+        assert_eq!(d.plan.canary_weight, 100);
+        assert!(reasons(&d).contains(&"RollbackRefused"));
+        assert_eq!(d.consumed, vec![Command::Rollback]);
+    }
+
+    #[test]
+    fn a_failed_analysis_below_the_limit_holds_and_a_pass_resets_the_count() {
+        let mut case = canary_at(1);
+        let bad = Observations::Sampled {
+            canary: TrackSample {
+                requests: Some(1000.0),
+                errors: Some(100.0),
+                latency_p99_ms: Some(100.0),
+                custom: Default::default(),
+            },
+            stable: TrackSample {
+                requests: Some(9000.0),
+                errors: Some(0.0),
+                latency_p99_ms: Some(100.0),
+                custom: Default::default(),
+            },
+        };
+        let d = case.decide(Some(&bad), t(1));
+        assert_eq!((d.action, d.status.failed_checks), (Action::Hold, 1));
+        assert!(
+            d.notices
+                .iter()
+                .any(|n| n.warning && n.reason == "AnalysisFailed")
+        );
+        case.status = d.status;
+        let d = case.decide(Some(&healthy()), t(2));
+        assert_eq!((d.status.failed_checks, d.status.canary_weight), (0, 50));
+    }
+
+    #[test]
+    fn a_fixed_spec_leaves_failed_where_the_rollout_was() {
+        let mut case = canary_at(1);
+        case.status = spec_rejected(&case.status, Some(2), "spec.strategy.steps: bad", t(1));
+        assert_eq!(case.status.phase, Phase::Failed);
+        let d = case.decide(None, t(1) + SignedDuration::from_secs(10));
+        assert_eq!(d.status.phase, Phase::Progressing);
+        assert_eq!(d.plan.canary_weight, 25, "traffic stayed where it was");
+    }
+
+    #[test]
+    fn conditions_keep_their_transition_time_while_unchanged() {
+        let case = canary_at(1);
+        let first = case.decide(Some(&healthy()), t(1)).status;
+        let mut again = canary_at(2);
+        again.status = first.clone();
+        let second = again
+            .decide(None, t(1) + SignedDuration::from_secs(30))
+            .status;
+        let since = |s: &ChatReleaseStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Progressing")
+                .unwrap()
+                .last_transition_time
+                .clone()
+        };
+        assert_eq!(since(&first), since(&second));
+    }
+}
