@@ -1,7 +1,7 @@
 //! `chatrelease-meshsim`: a stand-in for Istio's data plane, for tests and demos.
 
 use chatrelease::meshsim::{self, Options, TrafficConfig};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -51,24 +51,8 @@ struct Cli {
     #[arg(long, env = "MESHSIM_SEED")]
     seed: Option<u64>,
     /// Log as text or as JSON lines.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
-    }
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = chatrelease::logging::LogFormat::Text)]
+    log_format: chatrelease::logging::LogFormat,
 }
 
 /// Completes on Ctrl-C or SIGTERM.
@@ -100,7 +84,7 @@ fn main() -> ExitCode {
     // process-level CryptoProvider" panic at the first TLS connection.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    chatrelease::logging::init(cli.log_format);
     let options = Options {
         namespace: cli.namespace,
         listen: cli.listen,

@@ -3,7 +3,7 @@
 use chatrelease::controller::{self, Context};
 use chatrelease::istio::IstioRouter;
 use chatrelease::prometheus::PrometheusSource;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,14 +41,8 @@ struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = chatrelease::logging::LogFormat::Text)]
+    log_format: chatrelease::logging::LogFormat,
 }
 
 fn main() -> ExitCode {
@@ -68,7 +62,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run(args) => {
-            init_logging(args.log_format);
+            chatrelease::logging::init(args.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
                 Err(error) => {
@@ -78,16 +72,6 @@ fn main() -> ExitCode {
             };
             runtime.block_on(run(args))
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
     }
 }
 
