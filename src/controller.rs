@@ -356,7 +356,7 @@ where
     let name = object.meta().name.clone().unwrap_or_default();
     let api = Api::<K>::namespaced(ctx.client.clone(), namespace);
     let mut value = serde_json::to_value(object).map_err(|source| Error::Serialize {
-        kind: kind_of::<K>(),
+        kind: K::kind(&()).to_string(),
         name: name.clone(),
         source,
     })?;
@@ -369,15 +369,7 @@ where
     )
     .await
     .map(|_| ())
-    .map_err(|e| Error::kube("apply", kind_of::<K>(), namespace, &name, e))
-}
-
-fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
-    match K::kind(&()).as_ref() {
-        "Deployment" => "Deployment",
-        "Service" => "Service",
-        _ => "object",
-    }
+    .map_err(|e| Error::kube("apply", &K::kind(&()), namespace, &name, e))
 }
 
 /// One status write per reconcile, and none when nothing changed.
@@ -439,7 +431,7 @@ async fn remove_annotations(
     let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
     let patch: json_patch::Patch =
         serde_json::from_value(json!(ops)).map_err(|source| Error::Serialize {
-            kind: "object",
+            kind: "JSON patch".into(),
             name: name.clone(),
             source,
         })?;

@@ -8,7 +8,7 @@ pub enum Error {
     #[error("{verb} {kind} {namespace}/{name}: {source}")]
     Kube {
         verb: &'static str,
-        kind: &'static str,
+        kind: String,
         namespace: String,
         name: String,
         #[source]
@@ -23,7 +23,7 @@ pub enum Error {
     /// An object could not be turned into JSON for an apply.
     #[error("serialising {kind} {name}: {source}")]
     Serialize {
-        kind: &'static str,
+        kind: String,
         name: String,
         #[source]
         source: serde_json::Error,
@@ -33,14 +33,14 @@ pub enum Error {
 impl Error {
     pub fn kube(
         verb: &'static str,
-        kind: &'static str,
+        kind: &str,
         namespace: &str,
         name: &str,
         source: kube::Error,
     ) -> Self {
         Error::Kube {
             verb,
-            kind,
+            kind: kind.to_string(),
             namespace: namespace.to_string(),
             name: name.to_string(),
             source: Box::new(source),

@@ -337,17 +337,8 @@ impl IstioRouter {
         let params = PatchParams::apply(MANAGER).force();
         api.patch(&name, &params, &Patch::Apply(object))
             .await
-            .map_err(|e| Error::kube("apply", kind_of::<K>(), namespace, &name, e))?;
+            .map_err(|e| Error::kube("apply", &K::kind(&()), namespace, &name, e))?;
         Ok(())
-    }
-}
-
-fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
-    // Error::Kube wants a &'static str; both kinds we apply are known here.
-    match K::kind(&()).as_ref() {
-        "VirtualService" => "VirtualService",
-        "DestinationRule" => "DestinationRule",
-        _ => "Istio object",
     }
 }
 
