@@ -12,13 +12,13 @@ PIDS=$STATE_DIR/pids
 
 say() { printf 'down.sh: %s\n' "$*" >&2; }
 
-# Ours only if the process still mentions STATE_DIR in its command line or environment: a pid
+# Ours only if the process still mentions STATE_DIR/ in its command line or environment: a pid
 # file left from long ago may name a pid that now belongs to something else.
 ours() {
   local pid=$1
   [ -d "/proc/$pid" ] || return 1
   { tr '\0' '\n' <"/proc/$pid/cmdline"; tr '\0' '\n' <"/proc/$pid/environ"; } 2>/dev/null \
-    | grep -F -- "$STATE_DIR" >/dev/null
+    | grep -F -- "$STATE_DIR/" >/dev/null
 }
 
 # Stop order: workload side first, etcd last. Pid files of other tools go first of all.

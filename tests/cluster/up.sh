@@ -66,7 +66,7 @@ for c in openssl curl ss setsid flock base64; do
 done
 
 T0=$SECONDS
-say() { printf 'up.sh: %s\n' "$*" >&2; }
+say() { printf 'up.sh: [%2ds] %s\n' $((SECONDS - T0)) "$*" >&2; }
 
 # One up.sh per STATE_DIR at a time (the daemons get this descriptor closed, see start()).
 exec 8>"$STATE_DIR/.up.lock"
@@ -154,21 +154,22 @@ wait_for() {
 
 # ---- certificates and credentials --------------------------------------------------------------
 say "making certificates"
+# ECDSA P-256 throughout: RSA key generation took seconds on a busy 2-core machine.
 {
-  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=chatrelease-local-ca" \
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 -subj "/CN=chatrelease-local-ca" \
     -keyout "$PKI/ca.key" -out "$PKI/ca.crt"
   cat >"$PKI/apiserver.ext" <<EOF
 basicConstraints=CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
+keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth
 subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 EOF
-  openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=kube-apiserver" \
     -keyout "$PKI/apiserver.key" -out "$PKI/apiserver.csr"
   openssl x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
     -CAcreateserial -days 3650 -extfile "$PKI/apiserver.ext" -out "$PKI/apiserver.crt"
-  openssl genrsa -out "$PKI/sa.key" 2048
-  openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
+  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/sa.key"
+  openssl ec -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
 } >"$LOGS/openssl.log" 2>&1 || fail "openssl failed" openssl
 chmod 600 "$PKI"/*.key
 
@@ -294,11 +295,6 @@ start prometheus "$PROMETHEUS_BIN" \
   --web.listen-address="127.0.0.1:$PROM_PORT" \
   --web.enable-lifecycle --web.enable-remote-write-receiver
 
-wait_for kube-controller-manager "healthy /healthz" \
-  curl -skf --max-time 3 "https://127.0.0.1:$KCM_PORT/healthz"
-wait_for kube-scheduler "healthy /healthz" \
-  curl -skf --max-time 3 "https://127.0.0.1:$SCHED_PORT/healthz"
-
 # ---- kwok and the fake Node --------------------------------------------------------------------
 say "starting kwok and node $NODE_NAME"
 kwok_args=()
@@ -333,7 +329,6 @@ EOF
 node_ready() {
   [ "$(kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
-wait_for kwok "node $NODE_NAME Ready" node_ready
 
 # ---- CRDs: Istio's networking API, then the project's own --------------------------------------
 CURRENT=kube-apiserver
@@ -363,6 +358,14 @@ if [ ${#crd_files[@]} -gt 0 ]; then
   done
 fi
 
+# ---- health of the rest ------------------------------------------------------------------------
+wait_for kube-controller-manager "healthy /healthz" \
+  curl -skf --max-time 3 "https://127.0.0.1:$KCM_PORT/healthz"
+wait_for kube-scheduler "healthy /healthz" \
+  curl -skf --max-time 3 "https://127.0.0.1:$SCHED_PORT/healthz"
+wait_for kwok "node $NODE_NAME Ready" node_ready
+
+say "waiting for the controller-manager, scheduler, node and Prometheus"
 wait_for prometheus "ready /-/ready" curl -sf --max-time 2 "$PROM_URL/-/ready"
 CURRENT=""
 
