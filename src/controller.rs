@@ -35,6 +35,8 @@ pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 pub trait ReconcileObserver: Send + Sync {
     fn reconciled(&self, _release: &ChatRelease, _decision: &Decision, _took: Duration) {}
     fn failed(&self, _release: &ChatRelease, _error: &Error) {}
+    /// The ChatRelease `namespace/name` is gone from the cluster.
+    fn deleted(&self, _namespace: &str, _name: &str) {}
 }
 
 /// What every reconcile shares.
@@ -109,6 +111,7 @@ pub async fn run(
     .default_backoff()
     .touched_objects();
     let ctx = Arc::new(ctx_builder(deployments));
+    let observer = ctx.observer.clone();
     Controller::new(releases, watcher::Config::default().any_semantic())
         .owns_stream(deployment_events)
         .owns(api::<Service>(&client, namespace), owned.clone())
@@ -118,9 +121,22 @@ pub async fn run(
         )
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                warn!(%error, "reconcile failed");
+        .for_each(|result| {
+            let observer = observer.clone();
+            async move {
+                match result {
+                    // A reconcile was due for a ChatRelease that is gone: it was deleted.
+                    Err(kube::runtime::controller::Error::ObjectNotFound(object)) => {
+                        if let Some(observer) = observer {
+                            observer.deleted(
+                                object.namespace.as_deref().unwrap_or_default(),
+                                &object.name,
+                            );
+                        }
+                    }
+                    Err(error) => warn!(%error, "reconcile failed"),
+                    Ok(_) => {}
+                }
             }
         })
         .await;
@@ -131,12 +147,9 @@ pub async fn reconcile(release: Arc<ChatRelease>, ctx: Arc<Context>) -> Result<A
     let span = info_span!("reconcile", chatrelease = %release.name_any(), namespace = release.namespace().unwrap_or_default());
     let started = std::time::Instant::now();
     let result = reconcile_inner(&release, &ctx).instrument(span).await;
-    match (&result, &ctx.observer) {
-        (Ok((_, Some(decision))), Some(observer)) => {
-            observer.reconciled(&release, decision, started.elapsed())
-        }
-        (Err(error), Some(observer)) => observer.failed(&release, error),
-        _ => {}
+    // Failures are counted once, in `error_policy`.
+    if let (Ok((_, Some(decision))), Some(observer)) = (&result, &ctx.observer) {
+        observer.reconciled(&release, decision, started.elapsed());
     }
     result.map(|(action, _)| action)
 }
@@ -167,17 +180,7 @@ async fn reconcile_inner(
     let settings = match Settings::from_spec(&release.spec) {
         Ok(settings) => settings,
         Err(problem) => {
-            let next = rollout::spec_rejected(
-                &status,
-                release.metadata.generation,
-                &problem.to_string(),
-                now,
-            );
-            if status.phase != Phase::Failed || status.message != next.message {
-                publish(ctx, release, true, "SpecRejected", &next.message).await;
-            }
-            write_status(ctx, release, &status, &next).await?;
-            return Ok((Action::requeue(rollout::RESYNC), None));
+            return reject(ctx, release, &status, &problem.to_string(), now).await;
         }
     };
 
@@ -214,17 +217,7 @@ async fn reconcile_inner(
         Ok(()) => {}
         Err(error) if error.is_invalid_object() => {
             // The API server refused what the spec asks for: the user must change the spec.
-            let next = rollout::spec_rejected(
-                &status,
-                release.metadata.generation,
-                &error.to_string(),
-                now,
-            );
-            if status.phase != Phase::Failed {
-                publish(ctx, release, true, "SpecRejected", &next.message).await;
-            }
-            write_status(ctx, release, &status, &next).await?;
-            return Ok((Action::requeue(rollout::RESYNC), None));
+            return reject(ctx, release, &status, &error.to_string(), now).await;
         }
         Err(error) => return Err(error),
     }
@@ -233,6 +226,22 @@ async fn reconcile_inner(
     for notice in &decision.notices {
         publish(ctx, release, notice.warning, notice.reason, &notice.note).await;
     }
+    Ok((Action::requeue(decision.requeue_after), Some(decision)))
+}
+
+/// The spec cannot be applied: status says why (phase Failed, Ready=False), traffic stays put.
+async fn reject(
+    ctx: &Context,
+    release: &ChatRelease,
+    status: &ChatReleaseStatus,
+    problem: &str,
+    now: Timestamp,
+) -> Result<(Action, Option<Decision>), Error> {
+    let decision = rollout::hold_rejected(status, release.metadata.generation, problem, now);
+    if status.phase != Phase::Failed || status.message != decision.status.message {
+        publish(ctx, release, true, "SpecRejected", &decision.status.message).await;
+    }
+    write_status(ctx, release, status, &decision.status).await?;
     Ok((Action::requeue(decision.requeue_after), Some(decision)))
 }
 

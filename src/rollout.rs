@@ -191,6 +191,28 @@ pub fn spec_rejected(
     next
 }
 
+/// A decision for a spec the operator cannot use: hold everything, report `Failed`.
+pub fn hold_rejected(
+    status: &ChatReleaseStatus,
+    generation: Option<i64>,
+    problem: &str,
+    now: Timestamp,
+) -> Decision {
+    Decision {
+        action: Action::None,
+        status: spec_rejected(status, generation, problem, now),
+        plan: Plan {
+            stable: TrackPlan::Keep,
+            canary: TrackPlan::Keep,
+            canary_weight: status.canary_weight,
+            canary_routes: status.current_step.is_some(),
+        },
+        notices: Vec::new(),
+        consumed: Vec::new(),
+        requeue_after: RESYNC,
+    }
+}
+
 /// `Failed` is left as soon as the spec can be applied again; carry on from what status says.
 fn resumable_phase(status: &ChatReleaseStatus) -> Phase {
     if status.phase != Phase::Failed {

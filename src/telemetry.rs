@@ -652,6 +652,10 @@ impl Telemetry {
 }
 
 impl ReconcileObserver for Telemetry {
+    fn deleted(&self, namespace: &str, name: &str) {
+        self.forget(namespace, name);
+    }
+
     fn reconciled(&self, release: &ChatRelease, decision: &Decision, took: Duration) {
         self.reconcile_duration.observe(took.as_secs_f64());
         let labels = ReleaseLabels::of(release);
