@@ -13,6 +13,7 @@ pub mod error;
 mod fixtures;
 pub mod istio;
 pub mod judge;
+pub mod leader;
 pub mod logging;
 pub mod meshsim;
 pub mod metrics;
