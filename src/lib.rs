@@ -24,4 +24,5 @@ pub mod rollout;
 pub mod router;
 pub mod settings;
 pub mod simulate;
+pub mod telemetry;
 pub mod workload;

@@ -2,7 +2,9 @@
 
 use chatrelease::controller::{self, Context};
 use chatrelease::istio::IstioRouter;
+use chatrelease::leader::{LeaderElectionArgs, Leadership, shutdown_signal};
 use chatrelease::prometheus::PrometheusSource;
+use chatrelease::telemetry::{MetricsServer, Readiness, Telemetry};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -38,6 +40,11 @@ struct RunArgs {
     /// Longest a single Prometheus query may take before the analysis counts as inconclusive.
     #[arg(long, env = "PROMETHEUS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     prometheus_timeout: Duration,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    #[command(flatten)]
+    leader_election: LeaderElectionArgs,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -76,6 +83,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> ExitCode {
+    let election = match args.leader_election.election() {
+        Ok(election) => election,
+        Err(error) => {
+            tracing::error!(%error, "invalid leader election options");
+            return ExitCode::FAILURE;
+        }
+    };
     let client = match kube::Client::try_default().await {
         Ok(client) => client,
         Err(error) => {
@@ -83,15 +97,57 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(prometheus = %args.prometheus_url, "chatrelease-operator starting");
+    tracing::info!(prometheus = %args.prometheus_url, namespace = args.namespace.as_deref().unwrap_or("(all)"), "chatrelease-operator starting");
+
+    let telemetry = Arc::new(Telemetry::new());
+    let readiness = Readiness::new();
+    let leadership = Leadership::new();
+    match MetricsServer::bind(args.metrics_addr, telemetry.clone(), readiness.clone()).await {
+        Ok(server) => {
+            tokio::spawn(server.run(std::future::pending()));
+        }
+        Err(error) => {
+            tracing::error!(%error, addr = %args.metrics_addr, "cannot serve /metrics, /healthz and /readyz");
+            return ExitCode::FAILURE;
+        }
+    }
+    tokio::spawn(readiness.ready_when_api_answers(client.clone()));
+    tokio::spawn(telemetry.clone().follow_leadership(leadership.subscribe()));
+
     let router = Arc::new(IstioRouter::new(client.clone()));
-    let metrics = Arc::new(PrometheusSource::new(args.prometheus_timeout));
+    let metrics = Arc::new(
+        PrometheusSource::new(args.prometheus_timeout)
+            .with_query_observer(telemetry.query_observer()),
+    );
     let prometheus_url = args.prometheus_url.clone();
     let ctx_client = client.clone();
-    controller::run(client, args.namespace.as_deref(), move |deployments| {
-        Context::new(ctx_client, deployments, router, metrics, prometheus_url)
-    })
-    .await;
-    tracing::info!("chatrelease-operator stopped");
-    ExitCode::SUCCESS
+    let controller_client = client.clone();
+    let namespace = args.namespace.as_deref();
+    let outcome = leadership
+        .run_when_leader(
+            client,
+            election.as_ref(),
+            move || {
+                controller::run(controller_client, namespace, move |deployments| {
+                    let mut ctx =
+                        Context::new(ctx_client, deployments, router, metrics, prometheus_url);
+                    ctx.observer = Some(telemetry);
+                    ctx
+                })
+            },
+            shutdown_signal(),
+        )
+        .await;
+    match outcome {
+        Ok(()) => {
+            tracing::info!("chatrelease-operator stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            // Lost leadership: exit so the kubelet restarts this replica as a standby, with no
+            // half-done reconcile carried over.
+            tracing::error!(%error, "chatrelease-operator stopping");
+            ExitCode::FAILURE
+        }
+    }
 }
