@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller against the current kubeconfig or in-cluster config.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the ChatRelease CustomResourceDefinition as YAML.
     Crd,
 }
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(run(args))
+            runtime.block_on(run(*args))
         }
     }
 }
