@@ -158,6 +158,18 @@ async fn template_change_starts_a_canary_that_gets_weight_only_once_its_pods_are
         last_status(&h).message
     );
 
+    // Mid rolling update: two new pods not Ready yet, two old ones Ready. readyReplicas is 2,
+    // but those are the old pods: still no weight.
+    let mut rolling = deployment(&v2, Track::Canary, 2, 2);
+    rolling.status.as_mut().expect("status").replicas = Some(4);
+    h.set_deployment(rolling);
+    h.reconcile().await;
+    assert_eq!(
+        split(&h.server.virtual_service_writes()[0]),
+        (100, 0),
+        "old pods' readiness is not the canary's"
+    );
+
     h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
     h.reconcile().await;
     assert_eq!(split(&h.server.virtual_service_writes()[0]), (95, 5));

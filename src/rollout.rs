@@ -23,6 +23,8 @@ pub struct TrackState {
     /// The `chatrelease.io/revision` label of its pod template.
     pub revision: Option<String>,
     pub replicas: i32,
+    /// Pods of any template (status.replicas): during a rolling update old pods count here.
+    pub total_replicas: i32,
     pub ready_replicas: i32,
     pub updated_replicas: i32,
     /// The Deployment controller has seen the latest spec (observedGeneration >= generation).
@@ -30,12 +32,14 @@ pub struct TrackState {
 }
 
 impl TrackState {
-    /// All `replicas` pods run `revision` and are Ready.
+    /// All `replicas` pods run `revision` and are Ready. Old-template pods must be gone too:
+    /// while they remain, readyReplicas may count them instead of the new ones.
     pub fn serves(&self, revision: &str, replicas: i32) -> bool {
         self.observed
             && self.revision.as_deref() == Some(revision)
             && self.replicas == replicas
             && self.updated_replicas >= replicas
+            && self.total_replicas == self.updated_replicas
             && self.ready_replicas >= replicas
     }
 }
@@ -979,6 +983,7 @@ mod tests {
         TrackState {
             revision: Some(revision.into()),
             replicas: 2,
+            total_replicas: 2,
             ready_replicas: 2,
             updated_replicas: 2,
             observed: true,

@@ -172,6 +172,7 @@ pub fn run(scenario: &Scenario) -> Result<Vec<TickOutcome>, ScenarioError> {
     let ready = |revision: &str| TrackState {
         revision: Some(revision.to_string()),
         replicas: settings.replicas,
+        total_replicas: settings.replicas,
         ready_replicas: settings.replicas,
         updated_replicas: settings.replicas,
         observed: true,

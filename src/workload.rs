@@ -158,6 +158,7 @@ pub fn track_state(deployment: &Deployment) -> TrackState {
             .and_then(|m| m.labels.as_ref())
             .and_then(|l| l.get(LABEL_REVISION).cloned()),
         replicas: spec.and_then(|s| s.replicas).unwrap_or(1),
+        total_replicas: status.and_then(|s| s.replicas).unwrap_or(0),
         ready_replicas: status.and_then(|s| s.ready_replicas).unwrap_or(0),
         updated_replicas: status.and_then(|s| s.updated_replicas).unwrap_or(0),
         observed: status.and_then(|s| s.observed_generation).unwrap_or(0) >= generation,
