@@ -1,0 +1,620 @@
+//! End-to-end tests: the operator runs as a real process against a real API server (kube-apiserver
+//! 1.36 with controller-manager, scheduler and a kwok node) and a real Prometheus that scrapes the
+//! mesh simulator. Each test has its own namespace, simulator and operator (see `e2e/harness.rs`).
+//!
+//! They are `#[ignore]`d so that `cargo test` stays fast and needs no cluster. `make e2e` builds,
+//! starts the control plane, runs them and tears it down; by hand:
+//!
+//! ```sh
+//! tests/cluster/up.sh /tmp/e2e && E2E_STATE_DIR=/tmp/e2e cargo test --test e2e -- --ignored
+//! tests/cluster/down.sh /tmp/e2e
+//! ```
+//!
+//! Every ChatRelease here uses short timings: interval and window 10s, drainTimeout 10s,
+//! progressDeadline 60s, minRequests 20, errorRate max 1%, compareToStable. The simulator sends
+//! 100 requests/s, so the canary serves about 50 requests per window at 5%.
+
+// The crate root of a test is its own file, so the harness folder is named explicitly.
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use chatrelease::crd::{ChatRelease, Phase, Verdict};
+use harness::{
+    DRAIN_TIMEOUT, INTERVAL, MIN_REQUESTS, NAME, Needs, Release, Split, TestEnv, Timeline,
+    image_of, phase, replicas_of, report, run, summary, weight,
+};
+use kube::ResourceExt;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// The overall limit of one test.
+const LIMIT: Duration = Duration::from_secs(180);
+/// Tests that hold on purpose for several intervals get longer.
+const LONG_LIMIT: Duration = Duration::from_secs(240);
+/// From applying the first template to phase Stable (pods of a kwok node are Ready in seconds).
+const STABLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// From a template change to weight 25: pods Ready, 5%, one interval, one passed analysis.
+const TO_25: Duration = Duration::from_secs(90);
+/// From a template change (or a resumption) to Succeeded: four steps of one interval each, with
+/// room for an inconclusive analysis or two on a loaded machine.
+const TO_SUCCEEDED: Duration = Duration::from_secs(150);
+/// "Within one reconcile": the operator acts on an annotation as soon as it sees it.
+const ONE_RECONCILE: Duration = Duration::from_secs(5);
+
+const SIM_ERROR_RATE: &str = "SIM_ERROR_RATE";
+const SIM_PROVIDER_ERROR_RATE: &str = "SIM_PROVIDER_ERROR_RATE";
+/// What the judge says when stable is as bad as the canary.
+const SHARED_TROUBLE: &str = "trouble both versions share";
+
+/// Applies `release` and waits until it is the stable version with all traffic.
+async fn stable_at(t: &TestEnv, release: &Release) -> ChatRelease {
+    t.apply(release).await;
+    let stable = t.wait_phase(Phase::Stable, STABLE_TIMEOUT).await;
+    let status = stable.status.clone().unwrap_or_default();
+    assert_eq!(status.stable_image.as_deref(), Some(release.image.as_str()));
+    assert_eq!(status.canary_weight, 0);
+    assert_eq!(t.split().await, Some(Split::ALL_STABLE));
+    stable
+}
+
+/// Waits until the timeline's watches have seen what a poll sees now (a watch event may trail
+/// the poll that ended a wait), so that assertions on the timeline include the final state.
+async fn caught_up(t: &TestEnv, timeline: &Timeline) {
+    let split = t.split().await;
+    let release = t.release().await;
+    let want = (phase(&release), weight(&release));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen_split = timeline.splits().last().map(|(_, s)| *s);
+        let seen_status = timeline
+            .statuses()
+            .last()
+            .map(|s| (Some(s.phase), s.weight));
+        if seen_split == split && seen_status == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watches never saw the VirtualService at {split:?} and the status at {want:?}:\n{}",
+            timeline.describe()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Canary weights of a rollout that only ever moved forward: up the steps, then back to 0 once
+/// stable runs the promoted version.
+const FULL_ROLLOUT: [i32; 6] = [0, 5, 25, 50, 100, 0];
+
+fn has_event(events: &[k8s_openapi::api::events::v1::Event], reason: &str) -> bool {
+    events.iter().any(|e| e.reason.as_deref() == Some(reason))
+}
+
+// ----- (a) -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn a_good_canary_goes_5_25_50_100_and_stable_then_runs_it() {
+    run("good-canary", Needs::Operator, LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&Release::version("v2")).await;
+
+        let done = t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+        caught_up(t, &timeline).await;
+        assert_eq!(
+            timeline.canary_weights(),
+            FULL_ROLLOUT,
+            "{}",
+            timeline.describe()
+        );
+        assert!(
+            !timeline.phases().contains(&Phase::RolledBack),
+            "{}",
+            timeline.describe()
+        );
+        let status = done.status.unwrap_or_default();
+        assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v2"));
+        assert_eq!(status.canary_weight, 0);
+
+        // Each step was earned by a passed analysis on enough canary traffic.
+        let passed: Vec<_> = timeline
+            .analyses()
+            .into_iter()
+            .filter(|a| a.verdict == Verdict::Pass)
+            .collect();
+        let weights: Vec<i32> = passed.iter().map(|a| a.weight).collect();
+        assert_eq!(weights, [5, 25, 50, 100], "{}", timeline.describe());
+        report(&format!(
+            "{}: canary requests per analysis window at 5/25/50/100%: {:?}",
+            t.test,
+            passed
+                .iter()
+                .map(|a| a.canary_requests.unwrap_or(0.0))
+                .collect::<Vec<_>>()
+        ));
+        for a in &passed {
+            assert!(
+                a.canary_requests.unwrap_or(0.0) >= MIN_REQUESTS as f64,
+                "{a:?}"
+            );
+        }
+
+        let stable = t
+            .wait_deployment("stable", "2 Ready pods of v2", ONE_RECONCILE, |d| {
+                image_of(d).as_deref() == Some("lobehub/lobe-chat:v2") && replicas_of(d) == (2, 2)
+            })
+            .await;
+        assert_eq!(replicas_of(&stable), (2, 2));
+    })
+    .await;
+}
+
+// ----- (b), (c) --------------------------------------------------------------------------------
+
+/// A canary whose pods answer `variable`=0.3 of requests with errors is rolled back while at 5%:
+/// all traffic back on stable in one write, canary pods kept for drainTimeout, then scaled to 0.
+async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
+    stable_at(t, &Release::version("v1")).await;
+    let timeline = t.timeline();
+    t.apply(&Release::version("v2").env(variable, "0.3")).await;
+
+    let rolled_back = t
+        .wait_phase(Phase::RolledBack, Duration::from_secs(120))
+        .await;
+    let rolled_back_at = Instant::now();
+    assert_eq!(t.split().await, Some(Split::ALL_STABLE));
+    caught_up(t, &timeline).await;
+    assert_eq!(
+        timeline.canary_weights(),
+        [0, 5, 0],
+        "the bad canary must never get past 5%:\n{}",
+        timeline.describe()
+    );
+
+    let status = rolled_back.status.clone().unwrap_or_default();
+    let analysis = status.last_analysis.clone().expect("a last analysis");
+    assert_eq!(analysis.verdict, Verdict::Fail, "{}", summary(&rolled_back));
+    let errors = analysis
+        .checks
+        .iter()
+        .find(|c| c.name == "error-rate")
+        .expect("an error-rate check");
+    assert!(
+        errors.canary.unwrap_or(0.0) > 10.0 && errors.stable.unwrap_or(100.0) < 1.0,
+        "the canary's error rate is the one that failed: {errors:?}"
+    );
+    assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v1"));
+    assert!(has_event(&t.events().await, "RolledBack"));
+
+    let splits = timeline.splits();
+    let got_weight = splits.iter().find(|(_, s)| s.canary > 0).map(|(at, _)| *at);
+    let back = splits
+        .iter()
+        .rev()
+        .find(|(_, s)| s.canary == 0)
+        .map(|(at, _)| *at);
+    if let (Some(from), Some(to)) = (got_weight, back) {
+        report(&format!(
+            "{}: bad canary ({variable}=0.3) had weight for {:.1}s before the VirtualService was 100% stable",
+            t.test,
+            (to - from).as_secs_f64()
+        ));
+    }
+
+    // Streaming chats finish: the canary keeps its pods for drainTimeout, then goes to 0.
+    let canary = t.deployment("canary").await.expect("canary Deployment");
+    assert_eq!(
+        replicas_of(&canary).0,
+        2,
+        "canary pods must stay while they drain"
+    );
+    t.wait_deployment(
+        "canary",
+        "0 replicas",
+        DRAIN_TIMEOUT + Duration::from_secs(30),
+        |d| replicas_of(d).0 == 0,
+    )
+    .await;
+    let drained_after = rolled_back_at.elapsed();
+    assert!(
+        drained_after + Duration::from_secs(2) >= DRAIN_TIMEOUT,
+        "canary scaled to 0 after only {drained_after:?}"
+    );
+    let stable = t.deployment("stable").await.expect("stable Deployment");
+    assert_eq!(image_of(&stable).as_deref(), Some("lobehub/lobe-chat:v1"));
+    assert_eq!(replicas_of(&stable), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn b_a_canary_answering_5xx_is_rolled_back_and_drained() {
+    run("canary-5xx", Needs::Operator, LIMIT, async |t| {
+        a_failing_canary_is_rolled_back(t, SIM_ERROR_RATE).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn c_a_canary_with_provider_errors_47x_is_rolled_back() {
+    run("canary-47x", Needs::Operator, LIMIT, async |t| {
+        a_failing_canary_is_rolled_back(t, SIM_PROVIDER_ERROR_RATE).await
+    })
+    .await;
+}
+
+// ----- (d) -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn d_a_provider_outage_on_both_tracks_holds_without_rollback_then_goes_on() {
+    run("provider-outage", Needs::Operator, LONG_LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        t.start_provider_outage("0.3").await;
+        let timeline = t.timeline();
+        // Under a shared outage each analysis is a fair coin for the one-sided z-test at 95%: 5%
+        // of them fail by chance, and failures add up across inconclusive analyses. failureLimit
+        // 3 keeps a chance rollback in this test's ~5 outage analyses near 0.1% (2 would be ~2%).
+        t.apply(&Release::version("v2").failure_limit(3)).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+        let at_5 = Instant::now();
+
+        // Hold at 5% through at least three intervals, each analysis blaming shared trouble.
+        let shared = || {
+            timeline
+                .analyses()
+                .iter()
+                .filter(|a| {
+                    a.verdict == Verdict::Inconclusive
+                        && a.weight == 5
+                        && a.checks.iter().any(|c| c.note.contains(SHARED_TROUBLE))
+                })
+                .count()
+        };
+        t.holds_until(
+            "weight 5 and Progressing during the outage",
+            INTERVAL * 3,
+            Duration::from_secs(90),
+            |r| weight(r) == 5 && phase(r) == Some(Phase::Progressing),
+            || match shared() {
+                n if n >= 3 => Ok(()),
+                n => Err(format!(
+                    "only {n} analyses blamed shared trouble:\n{}",
+                    timeline.describe()
+                )),
+            },
+        )
+        .await;
+        assert!(
+            timeline
+                .statuses()
+                .iter()
+                .any(|s| s.message.contains(SHARED_TROUBLE)),
+            "status.message must say the trouble is shared:\n{}",
+            timeline.describe()
+        );
+        report(&format!(
+            "{}: held at 5% for {:.1}s of provider outage",
+            t.test,
+            at_5.elapsed().as_secs_f64()
+        ));
+
+        t.end_provider_outage().await;
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+        caught_up(t, &timeline).await;
+        assert_eq!(
+            timeline.canary_weights(),
+            FULL_ROLLOUT,
+            "{}",
+            timeline.describe()
+        );
+        assert!(
+            !timeline.phases().contains(&Phase::RolledBack),
+            "{}",
+            timeline.describe()
+        );
+    })
+    .await;
+}
+
+// ----- (e) -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile() {
+    run("rollback-annotation", Needs::Operator, LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&Release::version("v2")).await;
+        t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+
+        t.annotate("chatrelease.io/rollback", Some("true")).await;
+        let took = t
+            .wait_split(Split::ALL_STABLE, Duration::from_secs(15))
+            .await;
+        report(&format!(
+            "{}: VirtualService at 100% stable {:.2}s after the annotation",
+            t.test,
+            took.as_secs_f64()
+        ));
+        assert!(took <= ONE_RECONCILE, "took {took:?}");
+
+        let r = t
+            .wait_for(
+                "phase RolledBack with the annotation removed",
+                ONE_RECONCILE,
+                |r| {
+                    phase(r) == Some(Phase::RolledBack)
+                        && !r.annotations().contains_key("chatrelease.io/rollback")
+                },
+            )
+            .await;
+        assert_eq!(weight(&r), 0);
+        caught_up(t, &timeline).await;
+        assert_eq!(
+            timeline.canary_weights(),
+            [0, 5, 25, 0],
+            "{}",
+            timeline.describe()
+        );
+        let deadline = Instant::now() + ONE_RECONCILE;
+        while !has_event(&t.events().await, "RolledBack") {
+            assert!(Instant::now() < deadline, "no RolledBack Event");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+}
+
+// ----- (f) -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote() {
+    run("manual-gate", Needs::Operator, LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&Release::version("v2").manual_gates(&[50])).await;
+
+        let waiting = t
+            .wait_for("Paused at 25", TO_25, |r| {
+                phase(r) == Some(Phase::Paused) && weight(r) == 25
+            })
+            .await;
+        let message = waiting.status.clone().unwrap_or_default().message;
+        assert!(message.contains("manual gate"), "{message}");
+        // Through at least one more analysis, it keeps waiting.
+        t.holds("Paused at 25", INTERVAL + Duration::from_secs(3), |r| {
+            phase(r) == Some(Phase::Paused) && weight(r) == 25
+        })
+        .await;
+        assert_eq!(
+            t.split().await,
+            Some(Split {
+                stable: 75,
+                canary: 25
+            })
+        );
+
+        let out = t.kubectl_chatrelease(&["promote", NAME]).await;
+        assert!(
+            out.status.success(),
+            "kubectl-chatrelease promote failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        t.wait_for("weight 50 after promote", ONE_RECONCILE, |r| {
+            weight(r) == 50
+        })
+        .await;
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        let r = t.release().await;
+        assert!(!r.annotations().contains_key("chatrelease.io/promote"));
+        caught_up(t, &timeline).await;
+        assert_eq!(
+            timeline.canary_weights(),
+            FULL_ROLLOUT,
+            "{}",
+            timeline.describe()
+        );
+        assert!(has_event(&t.events().await, "WaitingAtGate"));
+    })
+    .await;
+}
+
+// ----- (g) -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field() {
+    run("invalid-specs", Needs::Namespace, LIMIT, async |t| {
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit, &str, &str); 4] = [
+            (
+                "steps not ascending",
+                |m| m["spec"]["strategy"]["steps"] = json!([25, 5, 100]),
+                "spec.strategy.steps",
+                "strictly ascending",
+            ),
+            (
+                "a step over 100",
+                |m| m["spec"]["strategy"]["steps"] = json!([5, 50, 120]),
+                "spec.strategy.steps",
+                "from 1 to 100",
+            ),
+            (
+                "no containers",
+                |m| m["spec"]["template"]["spec"]["containers"] = json!([]),
+                "spec.template",
+                "at least one container",
+            ),
+            (
+                "a bad duration",
+                |m| m["spec"]["strategy"]["interval"] = json!("10 seconds"),
+                "spec.strategy.interval",
+                "must be a duration",
+            ),
+        ];
+        for (case, edit, field, says) in cases {
+            let mut manifest = Release::version("v1").manifest();
+            edit(&mut manifest);
+            match t.try_apply(manifest).await {
+                Err(kube::Error::Api(status)) => {
+                    assert_eq!(status.code, 422, "{case}: {status:?}");
+                    assert!(
+                        status.message.contains(field) && status.message.contains(says),
+                        "{case}: the message should name {field} and say {says:?}: {}",
+                        status.message
+                    );
+                }
+                other => panic!("{case}: expected the API server to refuse it, got {other:?}"),
+            }
+        }
+        let stored = t
+            .releases()
+            .list(&Default::default())
+            .await
+            .expect("listing ChatReleases");
+        assert!(stored.items.is_empty(), "a refused ChatRelease was stored");
+        // The same manifest without the mistakes is accepted: the refusals were the fields'.
+        t.apply(&Release::version("v1")).await;
+    })
+    .await;
+}
+
+// ----- (h) -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn h_an_operator_killed_mid_rollout_carries_on_from_status_without_going_back() {
+    run("operator-restart", Needs::Operator, LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&Release::version("v2")).await;
+        t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+
+        t.kill_operator();
+        // Down past the moment the next analysis was due; nothing moves meanwhile.
+        tokio::time::sleep(INTERVAL + Duration::from_secs(2)).await;
+        assert_eq!(
+            t.split().await,
+            Some(Split {
+                stable: 75,
+                canary: 25
+            })
+        );
+        t.start_operator();
+
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        caught_up(t, &timeline).await;
+        assert_eq!(
+            timeline.canary_weights(),
+            FULL_ROLLOUT,
+            "the VirtualService weight moved the wrong way:\n{}",
+            timeline.describe()
+        );
+        assert_eq!(
+            timeline.status_weights(),
+            FULL_ROLLOUT,
+            "status.canaryWeight moved the wrong way:\n{}",
+            timeline.describe()
+        );
+        assert!(
+            !timeline.phases().contains(&Phase::RolledBack),
+            "{}",
+            timeline.describe()
+        );
+        // The restarted operator took up the running canary; it did not start it over.
+        let started: Vec<_> = t
+            .events()
+            .await
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("CanaryStarted"))
+            .collect();
+        assert_eq!(started.len(), 1, "{started:?}");
+    })
+    .await;
+}
+
+// ----- (i) -------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn i_prometheus_down_mid_rollout_holds_and_the_rollout_goes_on_when_it_is_back() {
+    run(
+        "prometheus-outage",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            let prometheus = t.start_own_prometheus().await;
+            let v1 = Release::version("v1").prometheus(&prometheus);
+            stable_at(t, &v1).await;
+            let timeline = t.timeline();
+            t.apply(&Release::version("v2").prometheus(&prometheus))
+                .await;
+            // Weight 25 needed a passed analysis: the operator reads this test's Prometheus.
+            t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+
+            t.stop_own_prometheus().await;
+            let stopped = Instant::now();
+            let unavailable = |r: &ChatRelease| {
+                r.status
+                    .as_ref()
+                    .is_some_and(|s| s.message.contains("metrics unavailable"))
+            };
+            t.wait_for(
+                "a message that metrics are unavailable",
+                INTERVAL + Duration::from_secs(10),
+                unavailable,
+            )
+            .await;
+            // Hold at 25% for at least two intervals, every analysis meanwhile unavailable.
+            let down_analyses = || {
+                timeline
+                    .analyses()
+                    .iter()
+                    .filter(|a| a.reason.contains("metrics unavailable"))
+                    .count()
+            };
+            t.holds_until(
+                "weight 25, Progressing, metrics unavailable",
+                (INTERVAL * 2).saturating_sub(stopped.elapsed()),
+                INTERVAL * 4,
+                |r| weight(r) == 25 && phase(r) == Some(Phase::Progressing) && unavailable(r),
+                || match down_analyses() {
+                    n if n >= 2 => Ok(()),
+                    n => Err(format!(
+                        "{n} analyses without metrics:\n{}",
+                        timeline.describe()
+                    )),
+                },
+            )
+            .await;
+            let down_analyses = down_analyses();
+            report(&format!(
+                "{}: held at 25% for {:.1}s without Prometheus ({down_analyses} analyses)",
+                t.test,
+                stopped.elapsed().as_secs_f64()
+            ));
+
+            t.restart_own_prometheus().await;
+            t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+            caught_up(t, &timeline).await;
+            assert_eq!(
+                timeline.canary_weights(),
+                FULL_ROLLOUT,
+                "{}",
+                timeline.describe()
+            );
+            assert!(
+                !timeline.phases().contains(&Phase::RolledBack),
+                "{}",
+                timeline.describe()
+            );
+        },
+    )
+    .await;
+}
