@@ -339,7 +339,7 @@ fn helm_lint_passes_strict_with_default_and_all_on_values() {
 #[test]
 #[ignore = "needs Helm: make chart-lint"]
 fn the_values_schema_rejects_bad_values_naming_the_field() {
-    let cases: [(&[&str], &str); 8] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--set-string", "replicas=two"], "replicas"),
         (&["--set", "replicas=0"], "replicas"),
         (&["--set", "logging.format=xml"], "logging"),
@@ -347,6 +347,10 @@ fn the_values_schema_rejects_bad_values_naming_the_field() {
         (&["--set", "prometheus.timeout=10 seconds"], "prometheus"),
         (&["--set", "resources.limits.memory=lots"], "resources"),
         (&["--set", "image.pullPolicy=Sometimes"], "image"),
+        (
+            &["--set", "leaderElection.leaseDuration=1m"],
+            "leaderElection",
+        ),
         // A typo is an error, not a value silently ignored.
         (&["--set", "replica=3"], "replica"),
     ];
@@ -475,6 +479,8 @@ fn the_operator_runs_two_replicas_hardened_with_probes_and_its_pod_identity() {
             "--metrics-addr=0.0.0.0:8080",
             "--lease-name=chatrelease-chatrelease-operator",
             "--lease-namespace=chatrelease-system",
+            "--lease-duration=15s",
+            "--lease-renew-interval=5s",
         ]
     );
     // The metrics Service reaches the named port.
@@ -1010,35 +1016,36 @@ mod api_server {
             .port()
     }
 
-    /// Starts the operator with `kubeconfig` (the chart's ServiceAccount), watching `namespace`
-    /// only, so it leaves other tests' ChatReleases on the same API server alone.
-    fn start_operator(kubeconfig: &Path, namespace: &str, lease_name: &str) -> Operator {
-        let dir = logs_dir();
-        let log = dir.join(format!("{namespace}-operator.log"));
+    /// Starts the operator as the chart's Deployment would: the container's rendered `args`
+    /// (so a flag the binary does not know fails here), `POD_NAME` and `POD_NAMESPACE` as the
+    /// downward API sets them, and `kubeconfig` in place of the in-cluster ServiceAccount.
+    /// `/metrics`, `/healthz` and `/readyz` move from 0.0.0.0:8080 to a free local port.
+    fn start_operator(
+        kubeconfig: &Path,
+        namespace: &str,
+        chart_args: &[String],
+        metrics_port: u16,
+    ) -> Operator {
+        let log = logs_dir().join(format!("{namespace}-operator.log"));
         let file = fs::File::create(&log).unwrap();
-        let help = text(&run(Command::new(OPERATOR).args(["run", "--help"])).stdout);
+        let args: Vec<String> = chart_args
+            .iter()
+            .map(|a| {
+                if a.starts_with("--metrics-addr=") {
+                    format!("--metrics-addr=127.0.0.1:{metrics_port}")
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
         let mut cmd = Command::new(OPERATOR);
-        cmd.args(["run", "--namespace", namespace, "--log-format", "json"])
-            .args(["--prometheus-url", &cluster().prometheus_url])
-            // The chart's Deployment sets these from the downward API; the Lease lives in the
-            // release namespace, where the chart's Role is.
+        cmd.args(&args)
             .env("POD_NAME", format!("{namespace}-operator-0"))
             .env("POD_NAMESPACE", namespace)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube=warn")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file);
-        // Flags the chart passes that this build may not have yet: pass them only if it does.
-        if help.contains("--metrics-addr") {
-            cmd.arg(format!("--metrics-addr=127.0.0.1:{}", free_port()));
-        }
-        if help.contains("--lease-namespace") {
-            cmd.args(["--lease-namespace", namespace]);
-        }
-        if help.contains("--lease-name") {
-            cmd.args(["--lease-name", lease_name]);
-        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {OPERATOR}: {e}"));
@@ -1176,6 +1183,27 @@ mod api_server {
         path
     }
 
+    /// A plain HTTP/1.0 GET on 127.0.0.1: the status code and the body.
+    fn http_get(port: u16, path: &str) -> (u16, String) {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_string());
+        (code, body)
+    }
+
     fn can_i(kubeconfig: &Path, args: &[&str]) -> bool {
         let mut all = vec!["auth", "can-i"];
         all.extend_from_slice(args);
@@ -1187,9 +1215,17 @@ mod api_server {
     fn the_operator_rolls_out_and_back_under_the_charts_rbac() {
         let ns = Namespace::new("chart-rbac");
         // Only the chart's identity and RBAC are applied for real; the operator runs here, as a
-        // process, because the control plane's pods run no containers.
-        let objects: Vec<Value> = render(&ns.0, &ns.0, &[])
-            .unwrap()
+        // process with the Deployment's arguments, because the control plane's pods run no
+        // containers. It watches only the test's namespace, so it leaves other tests'
+        // ChatReleases on the same API server alone.
+        let set = format!(
+            "prometheus.url={},logging.format=json,watchNamespace={}",
+            cluster().prometheus_url,
+            ns.0
+        );
+        let rendered = render(&ns.0, &ns.0, &["--set", &set]).unwrap();
+        let chart_args = args(&rendered);
+        let objects: Vec<Value> = rendered
             .into_iter()
             .filter(|o| {
                 matches!(
@@ -1279,7 +1315,8 @@ mod api_server {
             assert_eq!(can_i(&kubeconfig, args), allowed, "can-i {args:?}");
         }
 
-        let mut operator = start_operator(&kubeconfig, &ns.0, &cluster_rbac.0);
+        let metrics_port = free_port();
+        let mut operator = start_operator(&kubeconfig, &ns.0, &chart_args, metrics_port);
         apply_release(&ns.0, "example.invalid/chat:v1");
         wait_for(
             "phase Stable",
@@ -1287,6 +1324,18 @@ mod api_server {
             &mut operator,
             || status(&ns.0)["phase"] == "Stable",
         );
+        // It leads through the Lease the chart's Role names.
+        let lease = get_json(&ns.0, &format!("lease/{}", cluster_rbac.0))
+            .expect("the operator did not create its Lease");
+        assert_eq!(
+            lease["spec"]["holderIdentity"],
+            format!("{}-operator-0", ns.0)
+        );
+        // The probes' and the ServiceMonitor's paths answer on the port the chart names.
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let (code, _) = http_get(metrics_port, path);
+            assert_eq!(code, 200, "GET {path}");
+        }
         // Created by server-side apply (verb patch) and owned by the ChatRelease.
         for object in [
             "deployment/chat-stable",
@@ -1357,6 +1406,33 @@ mod api_server {
             .filter_map(|e| e["reason"].as_str())
             .collect();
         assert!(!reasons.is_empty(), "no Events recorded");
+        let (_, metrics) = http_get(metrics_port, "/metrics");
+        let weight = format!(
+            r#"chatrelease_canary_weight{{namespace="{}",name="chat"}}"#,
+            ns.0
+        );
+        assert!(
+            metrics.contains(&weight),
+            "{weight} not in /metrics:\n{metrics}"
+        );
+
+        // Stopped as the kubelet stops a pod, the leader gives its Lease up for a standby.
+        let term = run(Command::new("kill").args(["-TERM", &operator.child.id().to_string()]));
+        assert!(term.status.success());
+        let start = Instant::now();
+        while operator.child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let lease = get_json(&ns.0, &format!("lease/{}", cluster_rbac.0)).unwrap();
+        assert!(
+            lease["spec"]["holderIdentity"].is_null(),
+            "the Lease was not released: {}",
+            lease["spec"]
+        );
 
         let log = operator.log();
         let refused = refused_calls(&log);
