@@ -1,26 +1,31 @@
 # chatrelease-operator. Two commands matter on a fresh machine:
-#   make demo   a full canary rollout on a local control plane, narrated
-#   make test   every test
-# Tools the tests need are built or installed by targets in tests/cluster/tools.mk, cached
-# outside the repo in $(TOOLS_DIR).
+#   make demo   a full canary rollout on a local control plane, narrated, then torn down
+#   make test   every test: unit, reconciler, scenarios, and end to end on a real control plane
+# Every tool the tests need is built or installed by these targets and cached outside the repo
+# in $(TOOLS_DIR) (see tests/cluster/README.md).
 
 SHELL := /bin/bash
 CARGO ?= cargo
 
 include tests/cluster/tools.mk
+include charts/chart.mk
+include tests/e2e/e2e.mk
+include tests/cluster/demo.mk
 
-.PHONY: all build test unit-test lint fmt crds check-crds
+.PHONY: all build test unit-test lint fmt crds
 
 all: build
 
 build:
 	$(CARGO) build --release --bins
 
-## Every test: unit tests (judge, state machine, scenarios, reconciler on a mocked API server).
-test: unit-test
+## Every test. The unit tests first: they are quick and need no tools.
+test: unit-test e2e
 
-unit-test:
-	$(CARGO) test --all-targets
+## Judge, state machine, every ../shared/scenarios file, reconciler on a mocked API server,
+## CLI, chart checks that need no cluster.
+unit-test: $(HELM)
+	HELM='$(HELM)' $(CARGO) test --all-targets
 
 lint:
 	$(CARGO) fmt --check
@@ -29,6 +34,7 @@ lint:
 fmt:
 	$(CARGO) fmt
 
-## Regenerate crds/ from the Rust types.
+## Regenerate crds/ (and the chart's copy) from the Rust types.
 crds:
 	$(CARGO) run --quiet --bin chatrelease-operator -- crd > crds/chatrelease.yaml
+	cp crds/chatrelease.yaml $(CHART_DIR)/crds/chatrelease.yaml

@@ -14,13 +14,16 @@ E2E_STATE   ?= $(CURDIR)/.local/e2e
 E2E_THREADS ?= 9
 E2E_TIMEOUT ?= 900
 E2E_FILTER  ?=
+# Every test binary whose #[ignore]d tests need a running control plane.
+E2E_TESTS   ?= --test e2e --test leader_election --test helm_chart
 
 .PHONY: e2e e2e-build
 
 # Compiling first keeps the build out of the control plane's lifetime and the tests' timeouts.
 e2e-build:
-	$(CARGO) test --test e2e --no-run
+	$(CARGO) test $(E2E_TESTS) --no-run
 
-e2e: tools e2e-build
+e2e: tools $(HELM) e2e-build
 	@$(CLUSTER_TOOLS_ENV) CARGO='$(CARGO)' E2E_THREADS='$(E2E_THREADS)' E2E_TIMEOUT='$(E2E_TIMEOUT)' \
+	  E2E_TESTS='$(E2E_TESTS)' HELM='$(HELM)' \
 	  bash $(E2E_DIR)/run.sh '$(E2E_STATE)' $(E2E_FILTER)

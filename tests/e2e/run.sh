@@ -15,7 +15,9 @@ shift
 
 : "${CARGO:=cargo}"
 : "${E2E_THREADS:=9}"      # tests side by side (each has its own namespace and processes; they mostly wait)
-: "${E2E_TIMEOUT:=900}"    # seconds for the whole test run, on top of each test's own limit
+: "${E2E_TIMEOUT:=900}"
+# Test binaries with #[ignore]d tests that need this control plane (word-split on purpose).
+: "${E2E_TESTS:=--test e2e}"    # seconds for the whole test run, on top of each test's own limit
 
 say() { printf 'e2e: %s\n' "$*" >&2; }
 
@@ -56,7 +58,7 @@ T1=$SECONDS
 # then stopped by down.sh through their pid files. In the background so that `wait` returns at
 # Ctrl-C (timeout's own process group does not get the terminal's signals).
 E2E_STATE_DIR=$STATE_DIR timeout -k 20 "$E2E_TIMEOUT" \
-  "$CARGO" test --test e2e -- --ignored --test-threads="$E2E_THREADS" "$@" &
+  "$CARGO" test ${E2E_TESTS:---test e2e} -- --ignored --test-threads="$E2E_THREADS" "$@" &
 child=$!
 wait "$child"
 rc=$?
