@@ -15,9 +15,9 @@ shift
 
 : "${CARGO:=cargo}"
 : "${E2E_THREADS:=9}"      # tests side by side (each has its own namespace and processes; they mostly wait)
-: "${E2E_TIMEOUT:=900}"
+: "${E2E_TIMEOUT:=900}"    # seconds for the whole test run, on top of each test's own limit
 # Test binaries with #[ignore]d tests that need this control plane (word-split on purpose).
-: "${E2E_TESTS:=--test e2e}"    # seconds for the whole test run, on top of each test's own limit
+: "${E2E_TESTS:=--test e2e}"
 
 say() { printf 'e2e: %s\n' "$*" >&2; }
 
