@@ -50,6 +50,10 @@ pub enum CliCommand {
         /// Redraw whenever the ChatRelease changes, until Ctrl-C.
         #[arg(short, long)]
         watch: bool,
+        /// With --watch: print one line per change instead of redrawing (time, phase, weight,
+        /// a new analysis with canary vs stable per check, message), for logs and narration.
+        #[arg(long, requires = "watch")]
+        timeline: bool,
     },
     /// Pass the manual gate the canary waits at (sets chatrelease.io/promote).
     Promote {
@@ -191,12 +195,18 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
     let api: Api<ChatRelease> = Api::namespaced(client, &namespace);
     let said = match cli.command {
         CliCommand::Simulate { .. } => return Ok(()),
-        CliCommand::Status { name, watch: false } => {
+        CliCommand::Status {
+            name, watch: false, ..
+        } => {
             let release = get(&api, &namespace, &name).await?;
             render_status(&release)
         }
-        CliCommand::Status { name, watch: true } => {
-            return watch_status(&api, &namespace, &name, out).await;
+        CliCommand::Status {
+            name,
+            watch: true,
+            timeline,
+        } => {
+            return watch_status(&api, &namespace, &name, timeline, out).await;
         }
         CliCommand::Promote { name } => {
             steer(&api, &namespace, &name, Steer::Set(Command::Promote)).await?
@@ -341,11 +351,13 @@ fn gate_hint(release: &ChatRelease) -> String {
     }
 }
 
-/// `status --watch`: redraws whenever the rendered view changes, until Ctrl-C or deletion.
+/// `status --watch`: redraws whenever the rendered view changes (or, with `timeline`, appends one
+/// line per change), until Ctrl-C or deletion.
 async fn watch_status(
     api: &Api<ChatRelease>,
     namespace: &str,
     name: &str,
+    timeline: bool,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     // A typo in the name should fail at once, not wait silently for an object that never comes.
@@ -357,6 +369,7 @@ async fn watch_status(
     let mut ctrl_c = std::pin::pin!(ctrl_c);
     let clear = std::io::stdout().is_terminal();
     let mut shown = String::new();
+    let mut last_seen: Option<ChatReleaseStatus> = None;
     loop {
         let update = tokio::select! {
             signal = &mut ctrl_c => return signal.map_err(CliError::Signal),
@@ -371,6 +384,14 @@ async fn watch_status(
                 writeln!(out, "ChatRelease {namespace}/{name} was deleted")
                     .map_err(CliError::Output)?;
                 return Ok(());
+            }
+            Some(Ok(Some(release))) if timeline => {
+                let now = jiff::Zoned::now();
+                if let Some(line) = timeline_line(last_seen.as_ref(), &release, &now) {
+                    writeln!(out, "{line}").map_err(CliError::Output)?;
+                    out.flush().map_err(CliError::Output)?;
+                }
+                last_seen = Some(release.status.unwrap_or_default());
             }
             Some(Ok(Some(release))) => {
                 let view = render_status(&release);
@@ -538,6 +559,81 @@ fn analysis_lines(analysis: &AnalysisRecord) -> Vec<String> {
         lines.push(format!("  {}", analysis.reason));
     }
     lines
+}
+
+/// One line of `status --watch --timeline` for `release` as seen at `at`, or `None` when nothing it
+/// shows changed since `previous` (the status of the last object seen; `None` before the first):
+/// time, phase, weight, then for an analysis not shown before its verdict with each check's canary
+/// vs stable value and bound, then the message. Append-only, so it reads well in a log.
+pub fn timeline_line(
+    previous: Option<&ChatReleaseStatus>,
+    release: &ChatRelease,
+    at: &jiff::Zoned,
+) -> Option<String> {
+    let fallback = ChatReleaseStatus::default();
+    let status = release.status.as_ref().unwrap_or(&fallback);
+    let analysis_time = |s: &ChatReleaseStatus| s.last_analysis.as_ref().map(|a| a.time.clone());
+    let new_analysis = status
+        .last_analysis
+        .as_ref()
+        .filter(|_| previous.is_none_or(|p| analysis_time(p) != analysis_time(status)));
+    if let Some(p) = previous
+        && new_analysis.is_none()
+        && (p.phase, p.canary_weight, p.pause_reason, &p.message)
+            == (
+                status.phase,
+                status.canary_weight,
+                status.pause_reason,
+                &status.message,
+            )
+    {
+        return None;
+    }
+    let mut line = format!(
+        "{}  {:<12}{:>3}%  ",
+        at.strftime("%H:%M:%S"),
+        status.phase.to_string(),
+        status.canary_weight
+    );
+    if let Some(a) = new_analysis {
+        let requests = |r: Option<f64>| r.map_or("-".to_string(), fmt_number);
+        let value =
+            |v: Option<f64>, unit: &str| v.map_or("-".to_string(), |v| fmt_number(v) + unit);
+        let checks: Vec<String> = a
+            .checks
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} canary {} vs stable {} ({}) {}",
+                    c.name,
+                    value(c.canary, &c.unit),
+                    value(c.stable, &c.unit),
+                    c.bound,
+                    c.verdict
+                )
+            })
+            .collect();
+        line.push_str(&format!(
+            "[analysis {} at {}%, {} canary / {} stable requests",
+            a.verdict,
+            a.weight,
+            requests(a.canary_requests),
+            requests(a.stable_requests)
+        ));
+        if !checks.is_empty() {
+            line.push_str(": ");
+            line.push_str(&checks.join("; "));
+        }
+        line.push_str("] ");
+    }
+    if release.status.is_none() {
+        line.push_str("no status yet: is the operator running?");
+    } else if status.message.is_empty() {
+        line.push('-');
+    } else {
+        line.push_str(&status.message);
+    }
+    Some(line.trim_end().to_string())
 }
 
 /// `[#####...............]`: the canary's share of traffic at a glance.
@@ -733,6 +829,102 @@ Last analysis: pass at 5% (2025-11-21T10:01:00Z), 2000 canary / 38000 stable req
         assert!(view.contains("  Message   -\n"), "{view}");
         assert!(view.contains("Last analysis: none yet"), "{view}");
         assert!(view.contains("Conditions: none yet"), "{view}");
+    }
+
+    fn at(time: &str) -> jiff::Zoned {
+        time.parse::<jiff::Timestamp>()
+            .expect("a valid timestamp")
+            .to_zoned(jiff::tz::TimeZone::UTC)
+    }
+
+    #[test]
+    fn timeline_line_shows_time_phase_weight_the_new_analysis_and_the_message() {
+        let line = timeline_line(None, &progressing(), &at("2025-11-21T10:01:02Z"));
+        assert_eq!(
+            line.as_deref(),
+            Some(
+                "10:01:02  Progressing  25%  [analysis pass at 5%, 2000 canary / 38000 stable requests: \
+                 error-rate canary 0.2% vs stable 0.2% (<= 1%) pass; \
+                 latency-p99 canary 800ms vs stable 780ms (<= 3000ms) pass] \
+                 analysis passed at 5%: advanced to 25%"
+            )
+        );
+    }
+
+    #[test]
+    fn timeline_appends_a_line_only_when_something_it_shows_changed() {
+        let release = progressing();
+        let seen = release.status.clone();
+        let now = at("2025-11-21T10:01:05Z");
+        // A status write that changes nothing shown (conditions, resourceVersion): no line.
+        assert_eq!(timeline_line(seen.as_ref(), &release, &now), None);
+
+        // The message changes, the analysis is the one already shown: no analysis repeated.
+        let mut paused = release.clone();
+        let status = paused.status.as_mut().expect("fixture has a status");
+        status.phase = Phase::Paused;
+        status.pause_reason = Some(PauseReason::ManualGate);
+        status.message = "waiting at the manual gate before 100%".into();
+        assert_eq!(
+            timeline_line(seen.as_ref(), &paused, &now).as_deref(),
+            Some("10:01:05  Paused       25%  waiting at the manual gate before 100%")
+        );
+
+        // A new analysis is shown even when phase, weight and message stay the same.
+        let mut again = release.clone();
+        let analysis = again
+            .status
+            .as_mut()
+            .and_then(|s| s.last_analysis.as_mut())
+            .expect("fixture has an analysis");
+        analysis.time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2025-11-21T10:02:00Z".parse().expect("a valid timestamp"),
+        );
+        analysis.verdict = crate::crd::Verdict::Inconclusive;
+        analysis.checks.clear();
+        let line = timeline_line(seen.as_ref(), &again, &now).expect("a new analysis");
+        assert!(
+            line.starts_with(
+                "10:01:05  Progressing  25%  [analysis inconclusive at 5%, 2000 canary / 38000 stable requests] "
+            ),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn timeline_without_status_asks_whether_the_operator_runs() {
+        let mut release = progressing();
+        release.status = None;
+        assert_eq!(
+            timeline_line(None, &release, &at("2025-11-21T10:00:00Z")).as_deref(),
+            Some("10:00:00  Initializing  0%  no status yet: is the operator running?")
+        );
+    }
+
+    #[test]
+    fn timeline_needs_watch() {
+        let parsed = <Cli as clap::Parser>::try_parse_from([
+            "kubectl-chatrelease",
+            "status",
+            "lobe-chat",
+            "--timeline",
+        ]);
+        assert!(parsed.is_err());
+        let cli = <Cli as clap::Parser>::parse_from([
+            "kubectl-chatrelease",
+            "status",
+            "lobe-chat",
+            "--watch",
+            "--timeline",
+        ]);
+        assert!(matches!(
+            cli.command,
+            CliCommand::Status {
+                watch: true,
+                timeline: true,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -28,6 +28,9 @@ use tracing::{Instrument, info, info_span, warn};
 /// How long to wait before retrying a reconcile that failed.
 pub const ERROR_REQUEUE: Duration = Duration::from_secs(10);
 
+/// Longest a reconcile waits for the Deployment cache's first list.
+const CACHE_SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A clock, so tests can set the time the decision sees.
 pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 
@@ -164,16 +167,37 @@ pub fn error_policy(release: Arc<ChatRelease>, error: &Error, ctx: Arc<Context>)
 }
 
 async fn reconcile_inner(
-    release: &ChatRelease,
+    cached: &ChatRelease,
     ctx: &Context,
 ) -> Result<(Action, Option<Decision>), Error> {
-    let namespace = release.namespace().ok_or_else(|| {
+    let namespace = cached.namespace().ok_or_else(|| {
         Error::Missing(format!(
             "ChatRelease {} has no namespace",
-            release.name_any()
+            cached.name_any()
         ))
     })?;
-    let name = release.name_any();
+    let name = cached.name_any();
+    // The watch cache can lag behind our own last status write; deciding from it could move the
+    // weight backwards. One GET per reconcile reads what we last wrote.
+    let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
+    let Some(fresh) = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| Error::kube("read", "ChatRelease", &namespace, &name, e))?
+    else {
+        return Ok((Action::await_change(), None));
+    };
+    let release = &fresh;
+    // Until the Deployment cache has its first full list, "no Deployment" would be a guess.
+    if tokio::time::timeout(CACHE_SYNC_TIMEOUT, ctx.deployments.wait_until_ready())
+        .await
+        .is_err()
+    {
+        return Err(Error::Missing(format!(
+            "the Deployment cache did not sync within {}s",
+            CACHE_SYNC_TIMEOUT.as_secs()
+        )));
+    }
     let now = (ctx.clock)();
     let status = release.status.clone().unwrap_or_default();
 

@@ -315,7 +315,9 @@ pub struct Harness {
 impl Harness {
     pub fn new(release: &ChatRelease, now: Timestamp) -> Self {
         let (client, server) = mock_client(release);
-        let (store, deployments) = reflector::store();
+        let (store, mut deployments) = reflector::store();
+        // The controller's cache has had its first list.
+        deployments.apply_watcher_event(&watcher::Event::InitDone);
         let metrics = Arc::new(FixedMetrics::healthy());
         let now = Arc::new(Mutex::new(now));
         let clock_now = now.clone();
@@ -361,6 +363,18 @@ impl Harness {
         .await
         .expect("reconcile finished in time")
         .expect("reconcile succeeded")
+    }
+
+    /// A reconcile handed an out-of-date copy of the object, as a lagging watch cache would.
+    pub async fn reconcile_from_cache(&self, cached: ChatRelease) {
+        self.server.clear();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            crate::controller::reconcile(Arc::new(cached), self.ctx.clone()),
+        )
+        .await
+        .expect("reconcile finished in time")
+        .expect("reconcile succeeded");
     }
 
     /// Replaces the stored object's spec and annotations, as `kubectl apply` or `annotate` would.

@@ -393,3 +393,21 @@ async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
     );
     let _ = LABEL_REVISION;
 }
+
+#[tokio::test]
+async fn a_stale_cached_copy_never_moves_the_weight_back() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let at_25 = v2.clone().with_status(canary_status(&v1, &v2, 1, t0()));
+    let mut h = Harness::new(&at_25, t0() + minutes(1));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    h.reconcile().await;
+    assert_eq!(last_status(&h).canary_weight, 50);
+
+    // The watch cache still shows 25% a moment after our own write of 50%.
+    h.set_time(t0() + minutes(1) + SignedDuration::from_secs(1));
+    h.reconcile_from_cache(at_25.clone()).await;
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (50, 50));
+    assert!(h.server.status_writes().is_empty(), "nothing new to say");
+}

@@ -693,6 +693,9 @@ impl<'a> Draft<'a> {
                 }
             }
             Verdict::Inconclusive => {
+                // Failures count only when consecutive: an inconclusive analysis breaks the run,
+                // so chance fails hours apart in a long shared outage do not add up to a rollback.
+                self.next.failed_checks = 0;
                 let since = self
                     .next
                     .inconclusive_since
@@ -1254,6 +1257,35 @@ mod tests {
         case.status = d.status;
         let d = case.decide(Some(&healthy()), t(2));
         assert_eq!((d.status.failed_checks, d.status.canary_weight), (0, 50));
+    }
+
+    #[test]
+    fn failures_roll_back_only_when_consecutive() {
+        let mut case = canary_at(1);
+        let bad = Observations::Sampled {
+            canary: TrackSample {
+                requests: Some(1000.0),
+                errors: Some(100.0),
+                latency_p99_ms: Some(100.0),
+                custom: Default::default(),
+            },
+            stable: TrackSample {
+                requests: Some(9000.0),
+                errors: Some(0.0),
+                latency_p99_ms: Some(100.0),
+                custom: Default::default(),
+            },
+        };
+        let down = Observations::Unavailable {
+            reason: "Prometheus is down".into(),
+        };
+        for (minute, observations) in [(1, &bad), (2, &down), (3, &bad)] {
+            let d = case.decide(Some(observations), t(minute));
+            assert_ne!(d.action, Action::Rollback, "minute {minute}");
+            case.status = d.status;
+        }
+        let d = case.decide(Some(&bad), t(4));
+        assert_eq!(d.action, Action::Rollback, "two fails in a row");
     }
 
     #[test]
