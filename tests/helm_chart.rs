@@ -662,7 +662,7 @@ fn the_roles_grant_exactly_the_calls_the_operator_makes() {
     // api_server::the_operator_rolls_out_and_back_under_the_charts_rbac. A change here is a
     // change of what users grant: say why in the chart's README.
     let expected = [
-        "ClusterRole chatrelease.io/chatreleases: list, watch, patch",
+        "ClusterRole chatrelease.io/chatreleases: get, list, watch, patch",
         "ClusterRole chatrelease.io/chatreleases/status: patch",
         "ClusterRole apps/deployments: list, watch, create, patch",
         "ClusterRole apps/deployments/scale: patch",
