@@ -33,36 +33,45 @@ if [ -d "$PIDS" ]; then
 fi
 names+=(kwok kube-scheduler kube-controller-manager kube-apiserver prometheus etcd)
 
-stopping=()
-for n in "${names[@]}"; do
-  f=$PIDS/$n.pid
-  [ -f "$f" ] || continue
-  pid=$(cat "$f" 2>/dev/null || true)
-  if [[ "$pid" =~ ^[0-9]+$ ]] && ours "$pid"; then
-    pgid=$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ' || true)
-    if [ "$pgid" = "$pid" ]; then kill -TERM -- "-$pid" 2>/dev/null || true   # its whole group
-    else kill -TERM "$pid" 2>/dev/null || true; fi
-    stopping+=("$n:$pid")
-    say "stopping $n (pid $pid)"
-  fi
-done
-
-deadline=$((SECONDS + DOWN_TIMEOUT))
-for entry in ${stopping[@]+"${stopping[@]}"}; do
-  n=${entry%%:*} pid=${entry#*:}
-  while kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" 2>/dev/null | cut -c1)" != Z ]; do
-    if [ $SECONDS -ge $deadline ]; then
-      say "$n (pid $pid) ignored SIGTERM for ${DOWN_TIMEOUT}s: SIGKILL"
-      kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-      sleep 0.5
-      break
+# Signals the named processes, then waits for them (SIGKILL after DOWN_TIMEOUT).
+stop_wave() {
+  local stopping=() n f pid pgid entry deadline
+  for n in "$@"; do
+    f=$PIDS/$n.pid
+    [ -f "$f" ] || continue
+    pid=$(cat "$f" 2>/dev/null || true)
+    if [[ "$pid" =~ ^[0-9]+$ ]] && ours "$pid"; then
+      pgid=$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ' || true)
+      if [ "$pgid" = "$pid" ]; then kill -TERM -- "-$pid" 2>/dev/null || true   # its whole group
+      else kill -TERM "$pid" 2>/dev/null || true; fi
+      stopping+=("$n:$pid")
+      say "stopping $n (pid $pid)"
     fi
-    sleep 0.2
   done
-  # Children that left the group leader behind (the group outlives its leader).
-  if pgrep -g "$pid" >/dev/null 2>&1; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
-  rm -f "$PIDS/$n.pid"
-done
+  deadline=$((SECONDS + DOWN_TIMEOUT))
+  for entry in ${stopping[@]+"${stopping[@]}"}; do
+    n=${entry%%:*} pid=${entry#*:}
+    while kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" 2>/dev/null | cut -c1)" != Z ]; do
+      if [ $SECONDS -ge $deadline ]; then
+        say "$n (pid $pid) ignored SIGTERM for ${DOWN_TIMEOUT}s: SIGKILL"
+        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+        sleep 0.5
+        break
+      fi
+      sleep 0.2
+    done
+    # Children that left the group leader behind (the group outlives its leader).
+    if pgrep -g "$pid" >/dev/null 2>&1; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+    rm -f "$PIDS/$n.pid"
+  done
+}
+
+# etcd only once the API server is gone: stopped together, the API server spends its whole
+# shutdown retrying etcd and is killed after DOWN_TIMEOUT.
+wave=()
+for n in "${names[@]}"; do [ "$n" = etcd ] || wave+=("$n"); done
+stop_wave "${wave[@]}"
+stop_wave etcd
 # Pid files whose process was gone already.
 rm -f "$PIDS"/*.pid 2>/dev/null || true
 
