@@ -59,7 +59,10 @@ pub fn judge(settings: &JudgeSettings, observations: &Observations) -> Judgement
             ),
         };
     }
-    let compare = settings.compare_to_stable && stable_requests >= settings.min_requests;
+    let stable_has_traffic = stable_requests >= settings.min_requests;
+    let compare = settings.compare_to_stable && stable_has_traffic;
+    // Without traffic stable's latency or custom values describe nothing (an idle histogram).
+    let stable_value = |v: Option<f64>| v.filter(|_| stable_has_traffic);
 
     let mut checks = vec![error_rate_check(settings, canary, stable, compare)];
     if let Some(max) = settings.max_latency_p99_ms {
@@ -67,7 +70,7 @@ pub fn judge(settings: &JudgeSettings, observations: &Observations) -> Judgement
             LATENCY_P99,
             "ms",
             canary.latency_p99_ms,
-            stable.latency_p99_ms,
+            stable_value(stable.latency_p99_ms),
             Some(max),
             None,
             compare,
@@ -79,7 +82,7 @@ pub fn judge(settings: &JudgeSettings, observations: &Observations) -> Judgement
             &custom.name,
             "",
             value(canary),
-            value(stable),
+            stable_value(value(stable)),
             custom.max,
             custom.min,
             compare,
@@ -409,6 +412,10 @@ mod tests {
         );
         assert_eq!(j.verdict, Verdict::Fail);
         assert_eq!(j.checks[0].stable, None);
+        assert_eq!(
+            j.checks[1].stable, None,
+            "an idle stable has no latency to show"
+        );
     }
 
     #[test]
