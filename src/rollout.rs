@@ -879,14 +879,18 @@ impl<'a> Draft<'a> {
             self.action = Action::FinishPromotion;
             self.notice("Succeeded", self.next.message.clone());
         } else {
+            // readyReplicas counts old pods too while stable rolls; report new and old apart.
+            let (new_pods, old_pods) = if stable.revision.as_deref() == Some(revision.as_str()) {
+                (
+                    stable.updated_replicas,
+                    (stable.total_replicas - stable.updated_replicas).max(0),
+                )
+            } else {
+                (0, stable.total_replicas)
+            };
             self.next.message = format!(
-                "promoting revision {revision}: stable has {}/{} pods of it Ready; traffic stays on the canary until all are",
-                if stable.revision.as_deref() == Some(revision.as_str()) {
-                    stable.ready_replicas.min(stable.updated_replicas)
-                } else {
-                    0
-                },
-                self.settings.replicas
+                "promoting revision {revision}: stable has {new_pods}/{} pods of it and {old_pods} old ones left; traffic stays on the canary until all {} are Ready",
+                self.settings.replicas, self.settings.replicas
             );
             self.requeue_after = POLL_PODS;
         }
