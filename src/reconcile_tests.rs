@@ -297,6 +297,11 @@ async fn promotion_updates_stable_first_returns_traffic_when_it_is_whole_then_dr
         (0, 100),
         "stable is not whole yet"
     );
+    let message = h.stored().status.expect("status").message;
+    assert!(
+        message.contains("1/2 pods of it and 1 old ones left"),
+        "{message}"
+    );
 
     h.set_deployment(deployment(&v2, Track::Stable, 2, 2));
     h.reconcile().await;
