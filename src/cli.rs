@@ -10,7 +10,8 @@ use crate::crd::{AnalysisRecord, ChatRelease, ChatReleaseStatus, PauseReason, Ph
 use crate::judge::fmt_number;
 use crate::simulate::{self, ScenarioError};
 use futures::StreamExt;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
@@ -54,6 +55,12 @@ pub enum CliCommand {
         /// a new analysis with canary vs stable per check, message), for logs and narration.
         #[arg(long, requires = "watch")]
         timeline: bool,
+    },
+    /// List the ChatReleases in the namespace (or in all namespaces with -A).
+    List {
+        /// List ChatReleases in every namespace.
+        #[arg(short = 'A', long, conflicts_with = "namespace")]
+        all_namespaces: bool,
     },
     /// Pass the manual gate the canary waits at (sets chatrelease.io/promote).
     Promote {
@@ -127,6 +134,13 @@ pub enum CliError {
         #[source]
         source: Box<kube::Error>,
     },
+    /// ChatReleases could not be listed.
+    #[error("list ChatReleases in {scope}: {source}")]
+    List {
+        scope: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
     /// A tick of `simulate` could not be written as JSON.
     #[error("cannot write tick {tick} as JSON: {source}")]
     Serialize {
@@ -192,14 +206,21 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
         return Ok(());
     }
     let (client, namespace) = connect(cli.namespace).await?;
-    let api: Api<ChatRelease> = Api::namespaced(client, &namespace);
+    let api: Api<ChatRelease> = Api::namespaced(client.clone(), &namespace);
     let said = match cli.command {
         CliCommand::Simulate { .. } => return Ok(()),
+        CliCommand::List { all_namespaces } => list(&client, &namespace, all_namespaces).await?,
         CliCommand::Status {
             name, watch: false, ..
         } => {
             let release = get(&api, &namespace, &name).await?;
-            render_status(&release)
+            let mut said = render_status(&release);
+            said.push('\n');
+            said.push_str(&match recent_events(&client, &namespace, &name).await {
+                Ok(events) => render_events(&events),
+                Err(e) => format!("events: unavailable ({e})\n"),
+            });
+            said
         }
         CliCommand::Status {
             name,
@@ -256,6 +277,171 @@ async fn get(api: &Api<ChatRelease>, namespace: &str, name: &str) -> Result<Chat
     api.get(name)
         .await
         .map_err(|e| CliError::api("get", namespace, name, e))
+}
+
+/// `list`: the ChatReleases in `namespace`, or in every namespace.
+async fn list(client: &Client, namespace: &str, all_namespaces: bool) -> Result<String, CliError> {
+    let (api, scope): (Api<ChatRelease>, String) = if all_namespaces {
+        (Api::all(client.clone()), "all namespaces".into())
+    } else {
+        (
+            Api::namespaced(client.clone(), namespace),
+            format!("namespace {namespace}"),
+        )
+    };
+    let releases = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| CliError::List {
+            scope: scope.clone(),
+            source: Box::new(source),
+        })?;
+    if releases.items.is_empty() {
+        return Ok(if all_namespaces {
+            "No ChatReleases in any namespace.\n".to_string()
+        } else {
+            format!("No ChatReleases in namespace {namespace}.\n")
+        });
+    }
+    Ok(render_list(&releases.items, all_namespaces))
+}
+
+/// Most characters of a message shown in one table cell.
+const MESSAGE_WIDTH: usize = 60;
+
+/// How many Events `status` shows.
+const MAX_EVENTS: usize = 8;
+
+/// Cuts `text` to at most `max` characters (on one line), marking the cut with `...`.
+fn truncate(text: &str, max: usize) -> String {
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.chars().count() <= max {
+        return text;
+    }
+    let kept: String = text.chars().take(max.saturating_sub(3)).collect();
+    format!("{}...", kept.trim_end())
+}
+
+/// The `list` table: NAME, (NAMESPACE with `all_namespaces`,) PHASE, WEIGHT, STEP, STABLE, CANARY,
+/// MESSAGE. Pure, so tests pin it down.
+pub fn render_list(releases: &[ChatRelease], all_namespaces: bool) -> String {
+    let mut headers = vec!["NAME"];
+    if all_namespaces {
+        headers.push("NAMESPACE");
+    }
+    headers.extend(["PHASE", "WEIGHT", "STEP", "STABLE", "CANARY", "MESSAGE"]);
+    let dash = |v: Option<&str>| v.filter(|v| !v.is_empty()).unwrap_or("-").to_string();
+    let rows = releases
+        .iter()
+        .map(|release| {
+            let mut row = vec![release.name_any()];
+            if all_namespaces {
+                row.push(release.namespace().unwrap_or_default());
+            }
+            match &release.status {
+                None => row.extend(
+                    ["-", "-", "-", "-", "-", "no status yet"]
+                        .iter()
+                        .map(|s| s.to_string()),
+                ),
+                Some(status) => {
+                    let step = status.current_step.map_or("-".to_string(), |i| {
+                        format!("{}/{}", i + 1, release.spec.strategy.steps.len())
+                    });
+                    row.extend([
+                        status.phase.to_string(),
+                        format!("{}%", status.canary_weight),
+                        step,
+                        dash(status.stable_image.as_deref()),
+                        dash(status.canary_image.as_deref()),
+                        dash(Some(&truncate(&status.message, MESSAGE_WIDTH))),
+                    ]);
+                }
+            }
+            row
+        })
+        .collect();
+    let mut text = table(&headers, rows)
+        .iter()
+        .map(|line| line.strip_prefix("  ").unwrap_or(line).to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.push('\n');
+    text
+}
+
+/// The Events about ChatRelease `namespace/name`, oldest first.
+async fn recent_events(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<Event>, kube::Error> {
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let selected =
+        ListParams::default().fields(&format!("regarding.name={name},regarding.kind=ChatRelease"));
+    let items = match api.list(&selected).await {
+        Ok(list) => list.items,
+        // An API server that does not know the field selector: filter here instead.
+        Err(kube::Error::Api(status)) if status.code == 400 => {
+            api.list(&ListParams::default()).await?.items
+        }
+        Err(e) => return Err(e),
+    };
+    let mut events: Vec<Event> = items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().is_some_and(|r| {
+                r.name.as_deref() == Some(name) && r.kind.as_deref() == Some("ChatRelease")
+            })
+        })
+        .collect();
+    events.sort_by_key(event_time);
+    Ok(events)
+}
+
+/// When an Event last happened: its series' last sighting, else its time, else when it was stored.
+fn event_time(event: &Event) -> Option<jiff::Timestamp> {
+    event
+        .series
+        .as_ref()
+        .map(|s| s.last_observed_time.0)
+        .or(event.event_time.as_ref().map(|t| t.0))
+        .or(event.deprecated_last_timestamp.as_ref().map(|t| t.0))
+        .or(event.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+/// The "Recent events" section of `status`: the last [`MAX_EVENTS`] of `events` (oldest first),
+/// newest last, with time, type, reason and note. Pure, so tests pin it down.
+pub fn render_events(events: &[Event]) -> String {
+    if events.is_empty() {
+        return "Recent events: none\n".to_string();
+    }
+    let mut sorted: Vec<&Event> = events.iter().collect();
+    sorted.sort_by_key(|e| event_time(e));
+    let shown = &sorted[sorted.len().saturating_sub(MAX_EVENTS)..];
+    let dash = |v: Option<&String>| {
+        v.filter(|v| !v.is_empty())
+            .map_or("-".to_string(), |v| v.clone())
+    };
+    let rows = shown
+        .iter()
+        .map(|e| {
+            vec![
+                event_time(e).map_or("-".to_string(), |t| t.to_string()),
+                dash(e.type_.as_ref()),
+                dash(e.reason.as_ref()),
+                dash(Some(&truncate(
+                    e.note.as_deref().unwrap_or(""),
+                    MESSAGE_WIDTH,
+                ))),
+            ]
+        })
+        .collect();
+    let mut lines = vec!["Recent events".to_string()];
+    lines.extend(table(&["TIME", "TYPE", "REASON", "NOTE"], rows));
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
 }
 
 /// A change a person asks of the operator through an annotation.
@@ -684,7 +870,7 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
     /// A canary at its second step, after a passing analysis, as the operator would leave it.
     fn progressing() -> ChatRelease {
@@ -734,6 +920,119 @@ mod tests {
             }
         }))
         .expect("fixture is a valid ChatRelease")
+    }
+
+    #[test]
+    fn list_shows_one_aligned_row_per_release_and_namespace_only_with_all() {
+        let mut long = progressing();
+        long.metadata.name = Some("api".into());
+        long.metadata.namespace = Some("backend".into());
+        if let Some(status) = long.status.as_mut() {
+            status.message = "x".repeat(100);
+        }
+        let mut fresh = progressing();
+        fresh.metadata.name = Some("new".into());
+        fresh.status = None;
+        let releases = [progressing(), long, fresh];
+
+        let text = render_list(&releases, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("NAME"), "{text}");
+        assert!(!lines[0].contains("NAMESPACE"), "{text}");
+        for header in ["PHASE", "WEIGHT", "STEP", "STABLE", "CANARY", "MESSAGE"] {
+            assert!(lines[0].contains(header), "{header} missing: {text}");
+        }
+        assert!(lines[1].starts_with("lobe-chat"), "{text}");
+        for cell in [
+            "Progressing",
+            "25%",
+            "2/4",
+            "lobehub/lobe-chat:v1.8.0",
+            "lobehub/lobe-chat:v1.9.0",
+            "analysis passed at 5%: advanced to 25%",
+        ] {
+            assert!(lines[1].contains(cell), "{cell} missing: {text}");
+        }
+        let column = |line: &str| line.find("Progressing").or(line.find('-'));
+        assert_eq!(column(lines[1]), lines[0].find("PHASE"), "{text}");
+        assert!(
+            lines[2].ends_with(&format!("{}...", "x".repeat(57))),
+            "{text}"
+        );
+        assert!(!lines[2].contains(&"x".repeat(61)), "{text}");
+        assert!(lines[3].contains("no status yet"), "{text}");
+
+        let all = render_list(&releases, true);
+        let header = all.lines().next().unwrap_or_default();
+        assert!(header.starts_with("NAME"), "{all}");
+        assert!(header.find("NAMESPACE") < header.find("PHASE"), "{all}");
+        assert!(all.contains("backend"), "{all}");
+        assert!(
+            all.lines().nth(1).is_some_and(|l| l.contains("chat")),
+            "{all}"
+        );
+    }
+
+    fn event(second: u32, reason: &str, note: &str) -> Event {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("lobe-chat.{second}"), "namespace": "chat"},
+            "eventTime": format!("2025-11-21T10:00:{second:02}.000000Z"),
+            "reportingController": "chatrelease.io/operator",
+            "reportingInstance": "operator-0",
+            "action": "Reconcile",
+            "type": if reason == "RolledBack" { "Warning" } else { "Normal" },
+            "reason": reason,
+            "note": note,
+            "regarding": {"kind": "ChatRelease", "name": "lobe-chat", "namespace": "chat"}
+        }))
+        .expect("fixture is a valid Event")
+    }
+
+    #[test]
+    fn events_show_the_last_eight_newest_last_with_time_type_reason_and_note() {
+        // Given out of order: the view sorts by time.
+        let mut events: Vec<Event> = (0..10)
+            .rev()
+            .map(|i| event(i, &format!("Step{i}"), &format!("advanced at {i}")))
+            .collect();
+        events.push(event(30, "RolledBack", &"y".repeat(100)));
+        let text = render_events(&events);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "Recent events", "{text}");
+        for header in ["TIME", "TYPE", "REASON", "NOTE"] {
+            assert!(lines[1].contains(header), "{header} missing: {text}");
+        }
+        assert_eq!(lines.len(), 2 + 8, "{text}");
+        assert!(!text.contains("Step2 "), "the oldest are dropped: {text}");
+        assert!(
+            lines[2].contains("Step3") && lines[2].contains("advanced at 3"),
+            "{text}"
+        );
+        assert!(lines[2].contains("2025-11-21T10:00:03"), "{text}");
+        let last = lines[9];
+        assert!(
+            last.contains("Warning") && last.contains("RolledBack"),
+            "{text}"
+        );
+        assert!(last.ends_with("..."), "{text}");
+        assert!(!last.contains(&"y".repeat(61)), "{text}");
+
+        assert_eq!(render_events(&[]), "Recent events: none\n");
+    }
+
+    #[test]
+    fn list_takes_all_namespaces_or_one() {
+        let cli = Cli::try_parse_from(["kubectl-chatrelease", "list", "-A"]);
+        assert!(matches!(
+            cli.map(|c| c.command),
+            Ok(CliCommand::List {
+                all_namespaces: true
+            })
+        ));
+        let cli = Cli::try_parse_from(["kubectl-chatrelease", "list", "-n", "chat"]);
+        assert!(cli.is_ok_and(|c| c.namespace.as_deref() == Some("chat")));
+        assert!(Cli::try_parse_from(["kubectl-chatrelease", "list", "-A", "-n", "chat"]).is_err());
     }
 
     #[test]
