@@ -86,6 +86,21 @@ async fn caught_up(t: &TestEnv, timeline: &Timeline) {
 /// stable runs the promoted version.
 const FULL_ROLLOUT: [i32; 6] = [0, 5, 25, 50, 100, 0];
 
+/// The canary went up every step and was promoted, without a rollback or a step back.
+fn assert_full_rollout(timeline: &Timeline) {
+    assert_eq!(
+        timeline.canary_weights(),
+        FULL_ROLLOUT,
+        "{}",
+        timeline.describe()
+    );
+    assert!(
+        !timeline.phases().contains(&Phase::RolledBack),
+        "{}",
+        timeline.describe()
+    );
+}
+
 fn has_event(events: &[k8s_openapi::api::events::v1::Event], reason: &str) -> bool {
     events.iter().any(|e| e.reason.as_deref() == Some(reason))
 }
@@ -103,17 +118,7 @@ async fn a_good_canary_goes_5_25_50_100_and_stable_then_runs_it() {
         let done = t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
         t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
         caught_up(t, &timeline).await;
-        assert_eq!(
-            timeline.canary_weights(),
-            FULL_ROLLOUT,
-            "{}",
-            timeline.describe()
-        );
-        assert!(
-            !timeline.phases().contains(&Phase::RolledBack),
-            "{}",
-            timeline.describe()
-        );
+        assert_full_rollout(&timeline);
         let status = done.status.unwrap_or_default();
         assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v2"));
         assert_eq!(status.canary_weight, 0);
@@ -305,17 +310,7 @@ async fn d_a_provider_outage_on_both_tracks_holds_without_rollback_then_goes_on(
         t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
         t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
         caught_up(t, &timeline).await;
-        assert_eq!(
-            timeline.canary_weights(),
-            FULL_ROLLOUT,
-            "{}",
-            timeline.describe()
-        );
-        assert!(
-            !timeline.phases().contains(&Phase::RolledBack),
-            "{}",
-            timeline.describe()
-        );
+        assert_full_rollout(&timeline);
     })
     .await;
 }
@@ -603,17 +598,7 @@ async fn i_prometheus_down_mid_rollout_holds_and_the_rollout_goes_on_when_it_is_
             t.restart_own_prometheus().await;
             t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
             caught_up(t, &timeline).await;
-            assert_eq!(
-                timeline.canary_weights(),
-                FULL_ROLLOUT,
-                "{}",
-                timeline.describe()
-            );
-            assert!(
-                !timeline.phases().contains(&Phase::RolledBack),
-                "{}",
-                timeline.describe()
-            );
+            assert_full_rollout(&timeline);
         },
     )
     .await;
