@@ -3,7 +3,7 @@
 //! records Events. All deciding happens in `rollout`; this file only does I/O.
 
 use crate::annotations::{Command, Commands, MANAGER};
-use crate::crd::{ChatRelease, ChatReleaseStatus, Phase};
+use crate::crd::{ChatRelease, ChatReleaseStatus};
 use crate::error::Error;
 use crate::metrics::{AnalysisTarget, MetricsSource};
 use crate::rollout::{self, Decision, Plan, TrackPlan, World};
@@ -262,10 +262,10 @@ async fn reject(
     now: Timestamp,
 ) -> Result<(Action, Option<Decision>), Error> {
     let decision = rollout::hold_rejected(status, release.metadata.generation, problem, now);
-    if status.phase != Phase::Failed || status.message != decision.status.message {
-        publish(ctx, release, true, "SpecRejected", &decision.status.message).await;
-    }
     write_status(ctx, release, status, &decision.status).await?;
+    for notice in &decision.notices {
+        publish(ctx, release, notice.warning, notice.reason, &notice.note).await;
+    }
     Ok((Action::requeue(decision.requeue_after), Some(decision)))
 }
 

@@ -202,16 +202,28 @@ pub fn hold_rejected(
     problem: &str,
     now: Timestamp,
 ) -> Decision {
+    let next = spec_rejected(status, generation, problem, now);
+    // One Event per distinct problem, not one per resync.
+    let newly_rejected = status.phase != Phase::Failed || status.message != next.message;
+    let notices = if newly_rejected {
+        vec![Notice {
+            warning: true,
+            reason: "SpecRejected",
+            note: next.message.clone(),
+        }]
+    } else {
+        Vec::new()
+    };
     Decision {
         action: Action::None,
-        status: spec_rejected(status, generation, problem, now),
+        status: next,
         plan: Plan {
             stable: TrackPlan::Keep,
             canary: TrackPlan::Keep,
             canary_weight: status.canary_weight,
             canary_routes: status.current_step.is_some(),
         },
-        notices: Vec::new(),
+        notices,
         consumed: Vec::new(),
         requeue_after: RESYNC,
     }
@@ -1290,6 +1302,18 @@ mod tests {
         }
         let d = case.decide(Some(&bad), t(4));
         assert_eq!(d.action, Action::Rollback, "two fails in a row");
+    }
+
+    #[test]
+    fn a_rejected_spec_is_announced_once_per_problem() {
+        let case = canary_at(1);
+        let first = hold_rejected(&case.status, Some(2), "spec.strategy.steps: bad", t(1));
+        assert_eq!(reasons(&first), vec!["SpecRejected"]);
+        assert_eq!(first.plan.canary_weight, 25, "traffic stays where it was");
+        let again = hold_rejected(&first.status, Some(2), "spec.strategy.steps: bad", t(6));
+        assert!(again.notices.is_empty(), "no Event on every resync");
+        let other = hold_rejected(&first.status, Some(3), "spec.strategy.interval: bad", t(7));
+        assert_eq!(reasons(&other), vec!["SpecRejected"]);
     }
 
     #[test]
