@@ -23,11 +23,11 @@
 
 use crate::crd::{HttpMatch, StringMatch};
 use crate::istio::{Destination, DestinationRule, HttpRouteDestination, VirtualService};
+use crate::telemetry::{OPENMETRICS_CONTENT_TYPE, reply, serve_http};
 use futures::StreamExt;
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::body::Bytes;
+use hyper::{Method, Response, StatusCode};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::reflector::{self, Store};
@@ -42,7 +42,6 @@ use rand::{Rng, RngExt};
 use regex::Regex;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -83,9 +82,6 @@ pub const DURATION_BUCKETS_MS: [f64; 19] = [
 pub const TTFT_BUCKETS_SECONDS: [f64; 13] = [
     0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0,
 ];
-/// Content type of the OpenMetrics text that `/metrics` serves.
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Spread of request durations and TTFTs around their median (sigma of a lognormal).
 const JITTER_SIGMA: f64 = 0.3;
@@ -1034,28 +1030,13 @@ impl MeshMetrics {
 
 // --- HTTP ---
 
-fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
-}
-
-async fn handle(
-    request: Request<Incoming>,
-    metrics: Arc<MeshMetrics>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+/// Answers one request to the simulator's metrics server.
+fn route(method: &Method, path: &str, metrics: &MeshMetrics) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
-    if request.method() != Method::GET {
-        return Ok(reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            TEXT,
-            "only GET\n".into(),
-        ));
+    if method != Method::GET {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET\n".into());
     }
-    Ok(match request.uri().path() {
+    match path {
         "/metrics" => match metrics.encode() {
             Ok(text) => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text),
             Err(error) => {
@@ -1073,7 +1054,7 @@ async fn handle(
             TEXT,
             "not found: try /metrics or /healthz\n".into(),
         ),
-    })
+    }
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown` completes.
@@ -1082,37 +1063,8 @@ pub async fn serve_metrics(
     metrics: Arc<MeshMetrics>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    let mut connections = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                // Out of file descriptors and the like: wait a little rather than spin.
-                tracing::warn!(%error, "cannot accept a metrics connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let metrics = metrics.clone();
-        connections.spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request| handle(request, metrics.clone()));
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(%error, "metrics connection ended with an error");
-            }
-        });
-        // Reap finished connections so the set does not grow with every scrape.
-        while connections.try_join_next().is_some() {}
-    }
+    let handler = move |method: &Method, path: &str| route(method, path, &metrics);
+    serve_http(listener, handler, shutdown).await;
 }
 
 /// Generates traffic every tick through the state `snapshot` returns, into `metrics`, until
