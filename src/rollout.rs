@@ -1051,6 +1051,20 @@ mod tests {
         }
     }
 
+    /// 10% errors on the canary, none on stable: a failed analysis.
+    fn canary_erroring() -> Observations {
+        let track = |n: f64, errors: f64| TrackSample {
+            requests: Some(n),
+            errors: Some(errors),
+            latency_p99_ms: Some(100.0),
+            custom: Default::default(),
+        };
+        Observations::Sampled {
+            canary: track(1000.0, 100.0),
+            stable: track(9000.0, 0.0),
+        }
+    }
+
     fn shared_outage() -> Observations {
         let track = |n: f64| TrackSample {
             requests: Some(n),
@@ -1249,20 +1263,7 @@ mod tests {
     #[test]
     fn a_failed_analysis_below_the_limit_holds_and_a_pass_resets_the_count() {
         let mut case = canary_at(1);
-        let bad = Observations::Sampled {
-            canary: TrackSample {
-                requests: Some(1000.0),
-                errors: Some(100.0),
-                latency_p99_ms: Some(100.0),
-                custom: Default::default(),
-            },
-            stable: TrackSample {
-                requests: Some(9000.0),
-                errors: Some(0.0),
-                latency_p99_ms: Some(100.0),
-                custom: Default::default(),
-            },
-        };
+        let bad = canary_erroring();
         let d = case.decide(Some(&bad), t(1));
         assert_eq!((d.action, d.status.failed_checks), (Action::Hold, 1));
         assert!(
@@ -1278,20 +1279,7 @@ mod tests {
     #[test]
     fn failures_roll_back_only_when_consecutive() {
         let mut case = canary_at(1);
-        let bad = Observations::Sampled {
-            canary: TrackSample {
-                requests: Some(1000.0),
-                errors: Some(100.0),
-                latency_p99_ms: Some(100.0),
-                custom: Default::default(),
-            },
-            stable: TrackSample {
-                requests: Some(9000.0),
-                errors: Some(0.0),
-                latency_p99_ms: Some(100.0),
-                custom: Default::default(),
-            },
-        };
+        let bad = canary_erroring();
         let down = Observations::Unavailable {
             reason: "Prometheus is down".into(),
         };
