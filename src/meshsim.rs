@@ -1485,17 +1485,8 @@ mod tests {
     }
 
     fn release(traffic: Value) -> ChatRelease {
-        let mut r: ChatRelease = serde_json::from_value(json!({
-            "apiVersion": "chatrelease.io/v1alpha1", "kind": "ChatRelease",
-            "metadata": {"name": "lobe-chat", "namespace": "chat", "uid": "u-1"},
-            "spec": {
-                "template": {"spec": {"containers": [{"name": "app", "image": "lobehub/lobe-chat:v1"}]}},
-                "service": {"port": 80, "targetPort": 3210},
-                "traffic": traffic,
-            }
-        }))
-        .unwrap();
-        r.metadata.uid = Some("u-1".into());
+        let mut r = ChatRelease::test("v1");
+        r.spec.traffic = serde_json::from_value(traffic).unwrap();
         r
     }
 
