@@ -6,21 +6,12 @@
 # that `helm template` and `helm lint` assume match a release build.
 set -euo pipefail
 
-: "${TOOLS_DIR:=$HOME/.cache/chatrelease-tools}"
 : "${HELM_VERSION:=v3.22.0}"
-: "${GO:=go}"
-# Two cores: keep the machine usable while a cold build runs (same as tests/cluster/tools.sh).
-: "${BUILD_JOBS:=2}"
-: "${NICE:=nice -n 10}"
-
-export GOCACHE="$TOOLS_DIR/go/cache"
-export GOMODCACHE="$TOOLS_DIR/go/mod"
-export GOFLAGS="-buildvcs=false"
-export CGO_ENABLED=0
-export GOTOOLCHAIN=local
+# shellcheck source=../tests/cluster/go-env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../tests/cluster/go-env.sh"
 
 bin="$TOOLS_DIR/helm/$HELM_VERSION/bin"
-mkdir -p "$GOCACHE" "$GOMODCACHE" "$bin"
+mkdir -p "$bin"
 
 # Two `make` runs asking at once build it once.
 exec 9>"$TOOLS_DIR/.lock-helm"

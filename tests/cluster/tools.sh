@@ -6,21 +6,11 @@
 # second machine state (or `git clean`) does not force a 20-minute rebuild.
 set -euo pipefail
 
-: "${TOOLS_DIR:=$HOME/.cache/chatrelease-tools}"
 : "${K8S_VERSION:=v1.36.3}"
 : "${KWOK_VERSION:=v0.8.0}"
 : "${ETCD_VERSION:=v3.6.16}"
-: "${GO:=go}"
-# Two cores: keep the machine usable while a cold build runs.
-: "${BUILD_JOBS:=2}"
-: "${NICE:=nice -n 10}"
-
-export GOCACHE="$TOOLS_DIR/go/cache"
-export GOMODCACHE="$TOOLS_DIR/go/mod"
-export GOFLAGS="-buildvcs=false"
-export CGO_ENABLED=0
-export GOTOOLCHAIN=local
-mkdir -p "$GOCACHE" "$GOMODCACHE"
+# shellcheck source=go-env.sh
+. "$(dirname "${BASH_SOURCE[0]}")/go-env.sh"
 
 log() { printf '%s\n' "tools: $*" >&2; }
 die() { printf '%s\n' "tools: error: $*" >&2; exit 1; }
