@@ -10,10 +10,11 @@ use crate::crd::{AnalysisRecord, ChatRelease, ChatReleaseStatus, PauseReason, Ph
 use crate::judge::fmt_number;
 use crate::simulate::{self, ScenarioError};
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
-use kube::runtime::watcher;
+use kube::runtime::{reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -214,20 +215,17 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> Result<(), CliError> {
             name, watch: false, ..
         } => {
             let release = get(&api, &namespace, &name).await?;
-            let mut said = render_status(&release);
-            said.push('\n');
-            said.push_str(&match recent_events(&client, &namespace, &name).await {
-                Ok(events) => render_events(&events),
-                Err(e) => format!("events: unavailable ({e})\n"),
-            });
-            said
+            match recent_events(&client, &namespace, &name).await {
+                Ok(events) => render_status_with_events(&release, &events),
+                Err(e) => format!("{}\nevents: unavailable ({e})\n", render_status(&release)),
+            }
         }
         CliCommand::Status {
             name,
             watch: true,
             timeline,
         } => {
-            return watch_status(&api, &namespace, &name, timeline, out).await;
+            return watch_status(&client, &namespace, &name, timeline, out).await;
         }
         CliCommand::Promote { name } => {
             steer(&api, &namespace, &name, Steer::Set(Command::Promote)).await?
@@ -377,8 +375,7 @@ async fn recent_events(
     name: &str,
 ) -> Result<Vec<Event>, kube::Error> {
     let api: Api<Event> = Api::namespaced(client.clone(), namespace);
-    let selected =
-        ListParams::default().fields(&format!("regarding.name={name},regarding.kind=ChatRelease"));
+    let selected = ListParams::default().fields(&events_about(name));
     let items = match api.list(&selected).await {
         Ok(list) => list.items,
         // An API server that does not know the field selector: filter here instead.
@@ -387,16 +384,22 @@ async fn recent_events(
         }
         Err(e) => return Err(e),
     };
-    let mut events: Vec<Event> = items
-        .into_iter()
-        .filter(|e| {
-            e.regarding.as_ref().is_some_and(|r| {
-                r.name.as_deref() == Some(name) && r.kind.as_deref() == Some("ChatRelease")
-            })
-        })
-        .collect();
+    let mut events: Vec<Event> = items.into_iter().filter(|e| is_about(e, name)).collect();
     events.sort_by_key(event_time);
     Ok(events)
+}
+
+/// The field selector for Events about ChatRelease `name`. The API server may not honour it, so
+/// [`is_about`] checks each Event again.
+fn events_about(name: &str) -> String {
+    format!("regarding.name={name},regarding.kind=ChatRelease")
+}
+
+/// Whether `event` is about ChatRelease `name` (in the namespace it was read from).
+fn is_about(event: &Event, name: &str) -> bool {
+    event.regarding.as_ref().is_some_and(|r| {
+        r.name.as_deref() == Some(name) && r.kind.as_deref() == Some("ChatRelease")
+    })
 }
 
 /// When an Event last happened: its series' last sighting, else its time, else when it was stored.
@@ -537,65 +540,100 @@ fn gate_hint(release: &ChatRelease) -> String {
     }
 }
 
-/// `status --watch`: redraws whenever the rendered view changes (or, with `timeline`, appends one
-/// line per change), until Ctrl-C or deletion.
+/// `status --watch`: redraws whenever the rendered view (the release or its Events) changes, or,
+/// with `timeline`, appends one line per change, until Ctrl-C or deletion.
 async fn watch_status(
-    api: &Api<ChatRelease>,
+    client: &Client,
     namespace: &str,
     name: &str,
     timeline: bool,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
+    let api: Api<ChatRelease> = Api::namespaced(client.clone(), namespace);
     // A typo in the name should fail at once, not wait silently for an object that never comes.
-    get(api, namespace, name).await?;
+    get(&api, namespace, name).await?;
     // Backoff keeps a flapping API server from turning the retry into a busy loop.
-    let updates = watcher::watch_object(api.clone(), name).default_backoff();
+    let updates = watcher::watch_object(api, name).default_backoff();
     let mut updates = std::pin::pin!(updates);
+    // The Events are kept by a reflector, so a redraw has all of them, not only the last one.
+    let (events, events_writer) = reflector::store::<Event>();
+    let mut event_changes: BoxStream<'static, Result<(), watcher::Error>> = if timeline {
+        futures::stream::pending().boxed()
+    } else {
+        let events_api: Api<Event> = Api::namespaced(client.clone(), namespace);
+        let selected = watcher::Config::default().fields(&events_about(name));
+        reflector::reflector(events_writer, watcher(events_api, selected))
+            .default_backoff()
+            .map(|change| change.map(|_| ()))
+            .boxed()
+    };
     let ctrl_c = tokio::signal::ctrl_c();
     let mut ctrl_c = std::pin::pin!(ctrl_c);
     let clear = std::io::stdout().is_terminal();
     let mut shown = String::new();
     let mut last_seen: Option<ChatReleaseStatus> = None;
+    let mut latest: Option<ChatRelease> = None;
     loop {
-        let update = tokio::select! {
+        tokio::select! {
             signal = &mut ctrl_c => return signal.map_err(CliError::Signal),
-            update = updates.next() => update,
-        };
-        match update {
-            None => return Ok(()),
-            Some(Err(e)) => {
-                eprintln!("warning: watching ChatRelease {namespace}/{name}: {e}; retrying")
-            }
-            Some(Ok(None)) => {
-                writeln!(out, "ChatRelease {namespace}/{name} was deleted")
-                    .map_err(CliError::Output)?;
-                return Ok(());
-            }
-            Some(Ok(Some(release))) if timeline => {
-                let now = jiff::Zoned::now();
-                if let Some(line) = timeline_line(last_seen.as_ref(), &release, &now) {
-                    writeln!(out, "{line}").map_err(CliError::Output)?;
-                    out.flush().map_err(CliError::Output)?;
-                }
-                last_seen = Some(release.status.unwrap_or_default());
-            }
-            Some(Ok(Some(release))) => {
-                let view = render_status(&release);
-                // Status writes that change nothing we show (resourceVersion only) are not redrawn.
-                if view == shown {
+            update = updates.next() => match update {
+                None => return Ok(()),
+                Some(Err(e)) => {
+                    eprintln!("warning: watching ChatRelease {namespace}/{name}: {e}; retrying");
                     continue;
                 }
-                if clear {
-                    write!(out, "\x1b[2J\x1b[H").map_err(CliError::Output)?;
-                } else if !shown.is_empty() {
-                    writeln!(out, "---").map_err(CliError::Output)?;
+                Some(Ok(None)) => {
+                    writeln!(out, "ChatRelease {namespace}/{name} was deleted")
+                        .map_err(CliError::Output)?;
+                    return Ok(());
                 }
-                write!(out, "{view}").map_err(CliError::Output)?;
-                out.flush().map_err(CliError::Output)?;
-                shown = view;
-            }
+                Some(Ok(Some(release))) if timeline => {
+                    let now = jiff::Zoned::now();
+                    if let Some(line) = timeline_line(last_seen.as_ref(), &release, &now) {
+                        writeln!(out, "{line}").map_err(CliError::Output)?;
+                        out.flush().map_err(CliError::Output)?;
+                    }
+                    last_seen = Some(release.status.unwrap_or_default());
+                    continue;
+                }
+                Some(Ok(Some(release))) => latest = Some(release),
+            },
+            change = event_changes.next() => match change {
+                Some(Err(e)) => {
+                    eprintln!("warning: watching the Events of {namespace}/{name}: {e}; retrying");
+                    continue;
+                }
+                // The reflector's stream does not end; were it to, the view keeps its last Events.
+                None => event_changes = futures::stream::pending().boxed(),
+                Some(Ok(())) => {}
+            },
         }
+        let Some(release) = &latest else { continue };
+        let about: Vec<Event> = events
+            .state()
+            .iter()
+            .filter(|e| is_about(e, name))
+            .map(|e| Event::clone(e))
+            .collect();
+        let view = render_status_with_events(release, &about);
+        // Writes that change nothing we show (resourceVersion only) are not redrawn.
+        if view == shown {
+            continue;
+        }
+        if clear {
+            write!(out, "\x1b[2J\x1b[H").map_err(CliError::Output)?;
+        } else if !shown.is_empty() {
+            writeln!(out, "---").map_err(CliError::Output)?;
+        }
+        write!(out, "{view}").map_err(CliError::Output)?;
+        out.flush().map_err(CliError::Output)?;
+        shown = view;
     }
+}
+
+/// What `status` prints: [`render_status`], then the Recent events section.
+pub fn render_status_with_events(release: &ChatRelease, events: &[Event]) -> String {
+    format!("{}\n{}", render_status(release), render_events(events))
 }
 
 /// The `status` view of a ChatRelease: what a person needs to decide whether to promote, wait or
@@ -987,6 +1025,36 @@ mod tests {
             "regarding": {"kind": "ChatRelease", "name": "lobe-chat", "namespace": "chat"}
         }))
         .expect("fixture is a valid Event")
+    }
+
+    #[test]
+    fn the_watch_view_shows_the_status_then_the_events_of_this_release_only() {
+        let mine = event(5, "Advanced", "canary weight 5% → 25%");
+        let mut other = event(6, "RolledBack", "another release");
+        other.regarding.as_mut().unwrap().name = Some("lobe-chat-2".into());
+        let mut pod = event(7, "Scheduled", "a pod of the same name");
+        pod.regarding.as_mut().unwrap().kind = Some("Pod".into());
+        let about: Vec<Event> = [mine, other, pod]
+            .into_iter()
+            .filter(|e| is_about(e, "lobe-chat"))
+            .collect();
+        assert_eq!(
+            about.len(),
+            1,
+            "only Events regarding ChatRelease lobe-chat"
+        );
+
+        let release = progressing();
+        let view = render_status_with_events(&release, &about);
+        let status = render_status(&release);
+        assert!(view.starts_with(&status), "{view}");
+        let events = &view[status.len()..];
+        assert!(events.contains("Recent events"), "{view}");
+        assert!(
+            events.contains("Advanced") && events.contains("5% → 25%"),
+            "{view}"
+        );
+        assert!(!view.contains("another release"), "{view}");
     }
 
     #[test]
