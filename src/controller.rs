@@ -325,7 +325,10 @@ fn routes_for(plan: &Plan, status: &ChatReleaseStatus) -> Routes {
     Routes {
         canary_weight: plan.canary_weight,
         canary_routes: plan.canary_routes,
-        stable_revision: status.stable_revision.clone(),
+        stable_revision: status
+            .stable_revision
+            .clone()
+            .filter(|_| plan.stable_routes),
         canary_revision: status.canary_revision.clone(),
     }
 }

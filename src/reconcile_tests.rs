@@ -416,3 +416,43 @@ async fn a_stale_cached_copy_never_moves_the_weight_back() {
     assert_eq!(split(&h.server.virtual_service_writes()[0]), (50, 50));
     assert!(h.server.status_writes().is_empty(), "nothing new to say");
 }
+
+/// The http route of a written VirtualService named `name`.
+fn route<'a>(virtual_service: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    virtual_service["spec"]["http"]
+        .as_array()?
+        .iter()
+        .find(|r| r["name"] == name)
+}
+
+#[tokio::test]
+async fn while_stable_is_promoted_users_with_the_old_stable_cookie_follow_the_split() {
+    let v1 = ChatRelease::test("v1");
+    let mut v2 = ChatRelease::test("v2");
+    v2.spec.traffic.sticky_cookie = Some("chat-version".into());
+    let at_100 = v2.clone().with_status(canary_status(&v1, &v2, 3, t0()));
+    let mut h = Harness::new(&at_100, t0() + minutes(1));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+
+    h.reconcile().await;
+    assert_eq!(last_status(&h).phase, Phase::Promoting);
+    let promoting = &h.server.virtual_service_writes()[0];
+    assert!(
+        route(promoting, "sticky-stable").is_none(),
+        "stable now rolls to the new template; an old cookie must not pick its pods: {promoting}"
+    );
+    assert!(route(promoting, "sticky-canary").is_some(), "{promoting}");
+    assert_eq!(split(promoting), (0, 100));
+
+    h.set_deployment(deployment(&v2, Track::Stable, 2, 2));
+    h.reconcile().await;
+    assert_eq!(last_status(&h).phase, Phase::Succeeded);
+    let promoted = &h.server.virtual_service_writes()[0];
+    let sticky_stable = route(promoted, "sticky-stable").expect("a stable cookie route again");
+    let regex = sticky_stable["match"][0]["headers"]["cookie"]["regex"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(regex.contains(&v2.revision()), "{regex}");
+    assert!(route(promoted, "sticky-canary").is_none(), "{promoted}");
+}

@@ -76,6 +76,10 @@ pub struct Plan {
     pub canary_weight: i32,
     /// canaryMatch and the sticky canary cookie route to the canary.
     pub canary_routes: bool,
+    /// The sticky stable cookie routes to stable. False while stable is given the promoted
+    /// template: it then runs a mix of old and new pods, and a returning user must not land on
+    /// either by chance; they follow the split (all on the canary) until stable is whole.
+    pub stable_routes: bool,
 }
 
 /// What the decision did, in the words of `simulate` where it has one.
@@ -222,6 +226,7 @@ pub fn hold_rejected(
             canary: TrackPlan::Keep,
             canary_weight: status.canary_weight,
             canary_routes: status.current_step.is_some(),
+            stable_routes: status.phase != Phase::Promoting,
         },
         notices,
         consumed: Vec::new(),
@@ -278,6 +283,7 @@ impl<'a> Draft<'a> {
                 canary: TrackPlan::Keep,
                 canary_weight: before.canary_weight,
                 canary_routes: false,
+                stable_routes: true,
             },
             next,
             action: Action::None,
@@ -643,6 +649,9 @@ impl<'a> Draft<'a> {
             return;
         }
         if self.canary_ready() {
+            // Testers reach a Ready canary at once, also while it waits at a gate before its
+            // first weight: previewing it before any user gets it is what such a gate is for.
+            self.plan.canary_routes = true;
             let first = self.settings.steps[0];
             if self.settings.is_gated(first) && !self.world.commands.promote {
                 return self
@@ -827,6 +836,7 @@ impl<'a> Draft<'a> {
         };
         self.plan.canary_weight = self.next.canary_weight;
         self.plan.canary_routes = true;
+        self.plan.stable_routes = false;
         self.action = Action::Promote;
         self.requeue_after = POLL_PODS;
         self.notice("Promoting", self.next.message.clone());
@@ -872,8 +882,10 @@ impl<'a> Draft<'a> {
         self.plan.canary = TrackPlan::Keep;
         self.plan.canary_weight = self.next.canary_weight;
         self.plan.canary_routes = true;
+        self.plan.stable_routes = false;
         let stable = self.world.stable.clone().unwrap_or_default();
         if stable.serves(&revision, self.settings.replicas) {
+            self.plan.stable_routes = true;
             let image = self.next.canary_image.clone().unwrap_or_default();
             self.withdraw_traffic();
             let n = &mut self.next;
@@ -1232,7 +1244,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gate_on_the_first_step_keeps_the_canary_dark_until_promoted() {
+    fn a_gate_on_the_first_step_keeps_users_off_the_canary_until_promoted_but_not_testers() {
         let mut case = canary_at(0);
         case.settings.manual_gates = vec![5];
         case.status.current_step = None;
@@ -1242,10 +1254,40 @@ mod tests {
             (d.action, d.status.phase, d.plan.canary_weight),
             (Action::Wait, Phase::Paused, 0)
         );
+        assert!(d.plan.canary_routes, "canaryMatch reaches the Ready canary");
         case.status = d.status;
+        let d = case.decide(None, t(2));
+        assert!(
+            (d.action, d.plan.canary_weight, d.plan.canary_routes) == (Action::Wait, 0, true),
+            "still at the gate on the next resync: {d:?}"
+        );
         case.world.commands.promote = true;
         let d = case.decide(None, t(2));
         assert_eq!(d.action, Action::Advance { from: 0, to: 5 });
+    }
+
+    #[test]
+    fn sticky_stable_users_follow_the_split_while_stable_is_given_the_promoted_template() {
+        let mut case = canary_at(3);
+        let d = case.decide(Some(&healthy()), t(1));
+        assert_eq!(d.action, Action::Promote);
+        assert!(!d.plan.stable_routes, "stable runs old and new pods now");
+        assert!(d.plan.canary_routes && d.plan.canary_weight == 100);
+
+        case.status = d.status;
+        let d = case.decide(None, t(2));
+        assert_eq!(d.status.phase, Phase::Promoting, "stable is not whole yet");
+        assert!(!d.plan.stable_routes);
+
+        case.status = d.status;
+        case.world.stable = case.world.canary.clone();
+        let d = case.decide(None, t(3));
+        assert_eq!(d.action, Action::FinishPromotion);
+        assert!(
+            d.plan.stable_routes,
+            "stable serves the promoted revision whole"
+        );
+        assert_eq!(d.status.stable_revision, case.status.canary_revision);
     }
 
     #[test]

@@ -12,7 +12,8 @@ pub struct Routes {
     pub canary_weight: i32,
     /// canaryMatch requests (testers) and canary-cookie holders go to the canary.
     pub canary_routes: bool,
-    /// Revisions the sticky cookie names, so a cookie keeps meaning the same version.
+    /// Revisions the sticky cookie names, so a cookie keeps meaning the same version. No
+    /// stable revision while stable serves none whole (being promoted): no stable cookie route.
     pub stable_revision: Option<String>,
     pub canary_revision: Option<String>,
 }

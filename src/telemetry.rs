@@ -956,6 +956,7 @@ mod tests {
                 canary: TrackPlan::Keep,
                 canary_weight: 25,
                 canary_routes: true,
+                stable_routes: true,
             },
             notices: Vec::new(),
             consumed: Vec::new(),
