@@ -13,6 +13,8 @@
 //! HELM=... E2E_STATE_DIR=/tmp/e2e cargo test --test helm_chart -- --include-ignored
 //! ```
 
+mod support;
+
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -702,6 +704,7 @@ fn optional_objects_refuse_a_combination_that_cannot_work() {
 
 mod api_server {
     use super::*;
+    use crate::support::{free_port, http_get, metric_value};
     use std::io::Read as _;
     use std::sync::OnceLock;
     use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -1008,14 +1011,6 @@ mod api_server {
         }
     }
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     /// Starts the operator as the chart's Deployment would: the container's rendered `args`
     /// (so a flag the binary does not know fails here), `POD_NAME` and `POD_NAMESPACE` as the
     /// downward API sets them, and `kubeconfig` in place of the in-cluster ServiceAccount.
@@ -1184,26 +1179,6 @@ mod api_server {
     }
 
     /// A plain HTTP/1.0 GET on 127.0.0.1: the status code and the body.
-    fn http_get(port: u16, path: &str) -> (u16, String) {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))
-            .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        let code = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map_or(String::new(), |(_, b)| b.to_string());
-        (code, body)
-    }
-
     fn can_i(kubeconfig: &Path, args: &[&str]) -> bool {
         let mut all = vec!["auth", "can-i"];
         all.extend_from_slice(args);
@@ -1358,6 +1333,19 @@ mod api_server {
             &mut operator,
             || status(&ns.0)["canaryWeight"] == 50,
         );
+        // Mid-rollout, /metrics shows the weight (no traffic: it holds at 50%, inconclusive).
+        // The gauge is set just after the status write, so it may lag the status by a moment.
+        let weight = format!(
+            r#"chatrelease_canary_weight{{namespace="{}",name="chat"}}"#,
+            ns.0
+        );
+        let read_weight = || metric_value(&http_get(metrics_port, "/metrics").1, &weight);
+        wait_for(
+            "/metrics showing the weight 50",
+            Duration::from_secs(5),
+            &mut operator,
+            || read_weight() == Some(50.0),
+        );
         // A person rolls back: the operator acts, removes the annotation (JSON patch), records
         // Events, and scales the canary to 0 after drainTimeout (the scale subresource).
         kubectl_ok(
@@ -1406,15 +1394,7 @@ mod api_server {
             .filter_map(|e| e["reason"].as_str())
             .collect();
         assert!(!reasons.is_empty(), "no Events recorded");
-        let (_, metrics) = http_get(metrics_port, "/metrics");
-        let weight = format!(
-            r#"chatrelease_canary_weight{{namespace="{}",name="chat"}}"#,
-            ns.0
-        );
-        assert!(
-            metrics.contains(&weight),
-            "{weight} not in /metrics:\n{metrics}"
-        );
+        assert_eq!(read_weight(), Some(0.0), "{weight} after the rollback");
 
         // Stopped as the kubelet stops a pod, the leader gives its Lease up for a standby.
         let term = run(Command::new("kill").args(["-TERM", &operator.child.id().to_string()]));
