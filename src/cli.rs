@@ -430,7 +430,10 @@ pub fn render_events(events: &[Event]) -> String {
         .iter()
         .map(|e| {
             vec![
-                event_time(e).map_or("-".to_string(), |t| t.to_string()),
+                // Whole seconds, like the conditions': the fraction only widens the column.
+                event_time(e).map_or("-".to_string(), |t| {
+                    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+                }),
                 dash(e.type_.as_ref()),
                 dash(e.reason.as_ref()),
                 dash(Some(&truncate(
@@ -733,7 +736,8 @@ pub fn render_status(release: &ChatRelease) -> String {
                     c.status.clone(),
                     c.reason.clone(),
                     c.last_transition_time.0.to_string(),
-                    c.message.clone(),
+                    // In full on the Message line above; here only enough to tell them apart.
+                    truncate(&c.message, MESSAGE_WIDTH),
                 ]
             })
             .collect();
@@ -1015,7 +1019,7 @@ mod tests {
     fn event(second: u32, reason: &str, note: &str) -> Event {
         serde_json::from_value(serde_json::json!({
             "metadata": {"name": format!("lobe-chat.{second}"), "namespace": "chat"},
-            "eventTime": format!("2025-11-21T10:00:{second:02}.000000Z"),
+            "eventTime": format!("2025-11-21T10:00:{second:02}.184552Z"),
             "reportingController": "chatrelease.io/operator",
             "reportingInstance": "operator-0",
             "action": "Reconcile",
@@ -1077,7 +1081,10 @@ mod tests {
             lines[2].contains("Step3") && lines[2].contains("advanced at 3"),
             "{text}"
         );
-        assert!(lines[2].contains("2025-11-21T10:00:03"), "{text}");
+        assert!(
+            lines[2].contains("2025-11-21T10:00:03Z "),
+            "whole seconds: {text}"
+        );
         let last = lines[9];
         assert!(
             last.contains("Warning") && last.contains("RolledBack"),
@@ -1161,6 +1168,28 @@ Last analysis: pass at 5% (2025-11-21T10:01:00Z), 2000 canary / 38000 stable req
         assert!(
             !view.lines().any(|l| l.ends_with(' ')),
             "trailing spaces:\n{view}"
+        );
+    }
+
+    #[test]
+    fn a_long_condition_message_is_cut_in_the_table_and_whole_on_the_message_line() {
+        let mut release = progressing();
+        let status = release.status.as_mut().expect("fixture has a status");
+        let long = format!("holding at 5%: {}", "z".repeat(100));
+        status.message = long.clone();
+        for condition in &mut status.conditions {
+            condition.message = long.clone();
+        }
+        let view = render_status(&release);
+        assert!(view.contains(&format!("Message   {long}")), "{view}");
+        let conditions = view
+            .split("Conditions\n")
+            .nth(1)
+            .expect("a conditions table");
+        assert!(!conditions.contains(&long), "{view}");
+        assert!(
+            conditions.lines().skip(1).all(|l| l.ends_with("...")),
+            "{view}"
         );
     }
 
