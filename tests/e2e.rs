@@ -20,8 +20,8 @@ mod harness;
 
 use chatrelease::crd::{ChatRelease, Phase, Verdict};
 use harness::{
-    DRAIN_TIMEOUT, INTERVAL, MIN_REQUESTS, NAME, Needs, Release, Split, TestEnv, Timeline,
-    image_of, phase, replicas_of, report, run, summary, weight,
+    DRAIN_TIMEOUT, INTERVAL, MIN_REQUESTS, NAME, Needs, Release, Split, StatusWatch, TestEnv,
+    Timeline, image_of, phase, replicas_of, report, run, summary, weight,
 };
 use kube::ResourceExt;
 use serde_json::json;
@@ -163,6 +163,8 @@ async fn a_good_canary_goes_5_25_50_100_and_stable_then_runs_it() {
 async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
     stable_at(t, &Release::version("v1")).await;
     let timeline = t.timeline();
+    let live_view = t.watch_status(&[]);
+    let live_lines = t.watch_status(&["--timeline"]);
     t.apply(&Release::version("v2").env(variable, "0.3")).await;
 
     let rolled_back = t
@@ -230,6 +232,81 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
     let stable = t.deployment("stable").await.expect("stable Deployment");
     assert_eq!(image_of(&stable).as_deref(), Some("lobehub/lobe-chat:v1"));
     assert_eq!(replicas_of(&stable), (2, 2));
+
+    // The person watching saw it happen, and Ctrl-C ends the watch cleanly.
+    let drained_event = Instant::now();
+    while !has_event(&t.events().await, "CanaryDrained") {
+        assert!(
+            drained_event.elapsed() < ONE_RECONCILE,
+            "no CanaryDrained Event"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // An Event reaches the watch a moment after it is stored.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_watched_the_rollback(live_view, live_lines).await;
+}
+
+/// What `status --watch` showed through a rollout rolled back at 5%: a redraw per change (the
+/// frames, `---` apart when not on a terminal), and at the end the RolledBack phase, the failed
+/// analysis as a table and the Events up to the drain. `--timeline`: one line per change.
+async fn assert_watched_the_rollback(live_view: StatusWatch, live_lines: StatusWatch) {
+    let (exit, printed) = live_view.interrupt().await;
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "status --watch must end with status 0 on Ctrl-C, got {exit:?}:\n{printed}"
+    );
+    let frames: Vec<&str> = printed.split("\n---\n").collect();
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.contains("Phase     Progressing") && f.contains("1/4 at 5%")),
+        "no frame at step 1/4, 5%:\n{printed}"
+    );
+    let last = frames.last().copied().unwrap_or_default();
+    for shown in [
+        "Phase     RolledBack",
+        "CHECK",
+        "VERDICT",
+        "error-rate",
+        "Recent events",
+    ] {
+        assert!(
+            last.contains(shown),
+            "the last frame lacks {shown:?}:\n{last}"
+        );
+    }
+    let events = last.split("Recent events").nth(1).unwrap_or_default();
+    for reason in ["CanaryStarted", "Advanced", "RolledBack", "CanaryDrained"] {
+        assert!(
+            events.contains(reason),
+            "no {reason} Event in the last frame:\n{last}"
+        );
+    }
+    report(&format!(
+        "status --watch redrew {} times through the rollback",
+        frames.len()
+    ));
+
+    let (exit, printed) = live_lines.interrupt().await;
+    assert!(exit.is_some_and(|e| e.success()), "{exit:?}:\n{printed}");
+    // Each line: time, phase, weight, then what changed.
+    let phase_and_weight: Vec<(&str, &str)> = printed
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace().skip(1);
+            Some((words.next()?, words.next()?))
+        })
+        .collect();
+    assert!(
+        phase_and_weight.contains(&("Progressing", "5%")),
+        "no line at 5%:\n{printed}"
+    );
+    assert_eq!(
+        phase_and_weight.last(),
+        Some(&("RolledBack", "0%")),
+        "the last line is the rollback:\n{printed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -224,6 +224,41 @@ impl Drop for Proc {
     }
 }
 
+/// `kubectl chatrelease status --watch` running in the background; see [`TestEnv::watch_status`].
+pub struct StatusWatch {
+    proc: Proc,
+    output: PathBuf,
+}
+
+impl StatusWatch {
+    /// Ctrl-C, as a person ends the watch: its exit status (`None` if it did not exit within
+    /// 5 s and had to be killed) and everything it printed, the harness's header line left out.
+    pub async fn interrupt(mut self) -> (Option<std::process::ExitStatus>, String) {
+        self.proc.signalled = true;
+        let _ = Command::new("kill")
+            .args(["-INT", &self.proc.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let exit = loop {
+            if let Ok(Some(exit)) = self.proc.child.try_wait() {
+                break Some(exit);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        self.proc.kill();
+        let printed = fs::read_to_string(&self.output).unwrap_or_default();
+        let printed = printed
+            .lines()
+            .filter(|line| !line.starts_with("---- e2e: "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        (exit, printed)
+    }
+}
+
 /// A TCP port on 127.0.0.1 that is free now, below the kernel's ephemeral range so an outgoing
 /// connection does not take it meanwhile (as up.sh does).
 fn free_port() -> u16 {
@@ -1034,6 +1069,22 @@ impl TestEnv {
             .await
             .expect("kubectl-chatrelease task")
             .expect("running kubectl-chatrelease")
+    }
+
+    /// Starts `kubectl chatrelease status NAME --watch` (plus `extra`, such as `--timeline`) in
+    /// the background, as a person would leave it running beside a rollout.
+    pub fn watch_status(&self, extra: &[&str]) -> StatusWatch {
+        let what = format!("status-watch{}", extra.concat());
+        let output = self.log(&what);
+        let proc = Proc::spawn(
+            &what,
+            self.command(KUBECTL_CHATRELEASE)
+                .args(["-n", &self.namespace, "status", NAME, "--watch"])
+                .args(extra),
+            &output,
+            self.pid_file(&what),
+        );
+        StatusWatch { proc, output }
     }
 
     /// Starts recording every change of the VirtualService split and of the ChatRelease status.
