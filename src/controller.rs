@@ -21,6 +21,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{Instrument, info, info_span, warn};
@@ -485,6 +486,16 @@ async fn remove_annotations(
         })
 }
 
+/// The Event's `action`. kube's Recorder folds Events with the same type, reason and action into
+/// one series that keeps the first Event's note: with one action for all, "canary weight 5% → 25%"
+/// went on showing (with a newer time) after the step to 50%. An action named after the note
+/// folds only true repeats, as client-go's correlator does with identical messages.
+fn event_action(note: &str) -> String {
+    let digest = Sha256::digest(note.as_bytes());
+    let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("Reconcile-{short}")
+}
+
 /// Events are best effort: failing to record one must not stop a rollback.
 async fn publish(ctx: &Context, release: &ChatRelease, warning: bool, reason: &str, note: &str) {
     let event = Event {
@@ -495,7 +506,7 @@ async fn publish(ctx: &Context, release: &ChatRelease, warning: bool, reason: &s
         },
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        action: event_action(note),
         secondary: None,
     };
     if let Err(error) = ctx.recorder.publish(&event, &release.object_ref(&())).await {

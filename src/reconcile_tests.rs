@@ -456,3 +456,32 @@ async fn while_stable_is_promoted_users_with_the_old_stable_cookie_follow_the_sp
     assert!(regex.contains(&v2.revision()), "{regex}");
     assert!(route(promoted, "sticky-canary").is_none(), "{promoted}");
 }
+
+#[tokio::test]
+async fn each_step_is_an_event_of_its_own_not_a_series_showing_the_first_steps_note() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let at_5 = v2.clone().with_status(canary_status(&v1, &v2, 0, t0()));
+    let mut h = Harness::new(&at_5, t0() + minutes(1));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+
+    let mut advanced = Vec::new();
+    for minute in [1, 2] {
+        h.set_time(t0() + minutes(minute));
+        h.reconcile().await;
+        let call = h
+            .server
+            .calls()
+            .into_iter()
+            .find(|c| c.uri.contains("/events") && c.body["reason"] == "Advanced")
+            .expect("an Advanced Event");
+        assert_eq!(
+            call.method, "POST",
+            "a new Event, not a patch of the last one"
+        );
+        advanced.push(call.body["note"].as_str().unwrap_or_default().to_string());
+    }
+    assert!(advanced[0].contains("5% → 25%"), "{advanced:?}");
+    assert!(advanced[1].contains("25% → 50%"), "{advanced:?}");
+}
