@@ -800,7 +800,7 @@ impl<'a> Draft<'a> {
         n.phase = Phase::Progressing;
         n.pause_reason = None;
         n.inconclusive_since = None;
-        n.message = format!("{reason}; canary weight {from}% → {to}%");
+        n.message = format!("canary weight {from}% → {to}%: {reason}");
         self.plan.canary_weight = to;
         self.plan.canary_routes = true;
         self.action = Action::Advance { from, to };
