@@ -344,6 +344,19 @@ async fn until(what: &str, within: Duration, mut done: impl AsyncFnMut() -> bool
     started.elapsed()
 }
 
+/// Applies ChatRelease `chat` running `image`, as `kubectl apply --server-side` would.
+async fn apply_release(releases: &Api<ChatRelease>, image: &str) {
+    let namespace = releases.namespace().expect("a namespaced Api");
+    releases
+        .patch(
+            "chat",
+            &PatchParams::apply("leader-election-test"),
+            &Patch::Apply(chat_release(namespace, image)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying ChatRelease chat with {image}: {e}"));
+}
+
 fn chat_release(namespace: &str, image: &str) -> ChatRelease {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "chatrelease.io/v1alpha1",
@@ -414,14 +427,7 @@ async fn two_operator_processes_have_one_leader_and_the_standby_carries_on_when_
     );
 
     // A ChatRelease applied now is reconciled by A alone.
-    releases
-        .patch(
-            "chat",
-            &PatchParams::apply("leader-election-test"),
-            &Patch::Apply(chat_release(&namespace, "example.invalid/chat:v1")),
-        )
-        .await
-        .expect("apply the ChatRelease");
+    apply_release(&releases, "example.invalid/chat:v1").await;
     until("phase Stable", Duration::from_secs(60), async || {
         a.assert_running();
         b.assert_running();
@@ -469,14 +475,7 @@ async fn two_operator_processes_have_one_leader_and_the_standby_carries_on_when_
         defaults.lease_duration
     );
     assert_eq!(holder(&leases, lease).await.as_deref(), Some("operator-b"));
-    releases
-        .patch(
-            "chat",
-            &PatchParams::apply("leader-election-test"),
-            &Patch::Apply(chat_release(&namespace, "example.invalid/chat:v2")),
-        )
-        .await
-        .expect("change the template");
+    apply_release(&releases, "example.invalid/chat:v2").await;
     let started = until(
         "operator-b starts the canary",
         Duration::from_secs(60),
