@@ -420,11 +420,17 @@ async fn two_operator_processes_have_one_leader_and_the_standby_carries_on_when_
         },
     )
     .await;
-    assert_eq!(
-        support::try_http_get(b.metrics_port, "/readyz").map(|(code, _)| code),
-        Some(200),
-        "a standby is Ready: readiness does not follow leadership"
-    );
+    // A standby is Ready once it reaches the API server: readiness does not follow leadership.
+    until(
+        "operator-b answers /readyz with 200",
+        Duration::from_secs(30),
+        async || {
+            b.assert_running();
+            support::try_http_get(b.metrics_port, "/readyz").is_some_and(|(code, _)| code == 200)
+        },
+    )
+    .await;
+    assert_eq!(b.leads(), Some(false), "operator-b stands by");
 
     // A ChatRelease applied now is reconciled by A alone.
     apply_release(&releases, "example.invalid/chat:v1").await;
