@@ -354,9 +354,25 @@ impl<'a> Draft<'a> {
             .is_some_and(|c| c.serves(revision, self.settings.replicas))
     }
 
+    /// How far the canary's pods are, for messages. readyReplicas alone misleads while the
+    /// Deployment still rolls from an older template: "2/2 Ready" (or "3/2") counted old pods.
     fn canary_ready_text(&self) -> String {
-        let ready = self.world.canary.as_ref().map_or(0, |c| c.ready_replicas);
-        format!("{ready}/{} Ready", self.settings.replicas)
+        let wanted = self.settings.replicas;
+        let Some(canary) = self.world.canary.as_ref() else {
+            return format!("0/{wanted} Ready");
+        };
+        let rolled_out = canary.observed && canary.revision == self.next.canary_revision;
+        let old = (canary.total_replicas - canary.updated_replicas).max(0);
+        if !rolled_out {
+            format!("0/{wanted} Ready (the Deployment has not taken the new template yet)")
+        } else if old > 0 {
+            format!(
+                "{}/{wanted} pods of the new template, {old} old ones left",
+                canary.updated_replicas
+            )
+        } else {
+            format!("{}/{wanted} Ready", canary.ready_replicas.min(wanted))
+        }
     }
 
     // ----- phases -----
@@ -1264,6 +1280,49 @@ mod tests {
         case.world.commands.promote = true;
         let d = case.decide(None, t(2));
         assert_eq!(d.action, Action::Advance { from: 0, to: 5 });
+    }
+
+    #[test]
+    fn while_the_canary_rolls_from_an_old_template_the_message_counts_new_and_old_pods() {
+        let mut case = canary_at(0);
+        case.status.current_step = None;
+        case.status.canary_weight = 0;
+        // readyReplicas 3 of 2 wanted: two old pods and one new one are Ready.
+        case.world.canary = Some(TrackState {
+            total_replicas: 3,
+            ready_replicas: 3,
+            updated_replicas: 1,
+            ..ready("v2")
+        });
+        let d = case.decide(None, t(1));
+        assert_eq!((d.action, d.plan.canary_weight), (Action::AwaitCanary, 0));
+        assert!(
+            d.status
+                .message
+                .ends_with("1/2 pods of the new template, 2 old ones left"),
+            "{}",
+            d.status.message
+        );
+
+        case.world.canary = Some(TrackState {
+            observed: false,
+            ..ready("v2")
+        });
+        let d = case.decide(None, t(1));
+        assert!(
+            d.status
+                .message
+                .contains("0/2 Ready (the Deployment has not"),
+            "{}",
+            d.status.message
+        );
+
+        case.world.canary = Some(ready("v2"));
+        let d = case.decide(None, t(1));
+        assert_eq!(
+            d.status.message,
+            "canary weight 0% → 5%: canary pods 2/2 Ready"
+        );
     }
 
     #[test]
