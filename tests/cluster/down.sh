@@ -21,17 +21,16 @@ ours() {
     | grep -F -- "$STATE_DIR/" >/dev/null
 }
 
-# Stop order: workload side first, etcd last. Pid files of other tools go first of all.
-names=()
+# What up.sh starts, and the pid files other tools (operator, simulator, tests) put beside them.
+control_plane=(kwok kube-scheduler kube-controller-manager kube-apiserver prometheus)
+others=()
 if [ -d "$PIDS" ]; then
   for f in "$PIDS"/*.pid; do
     [ -e "$f" ] || continue
     n=$(basename "$f" .pid)
-    case " kwok kube-scheduler kube-controller-manager kube-apiserver prometheus etcd " in
-      *" $n "*) ;; *) names+=("$n") ;; esac
+    case " ${control_plane[*]} etcd " in *" $n "*) ;; *) others+=("$n") ;; esac
   done
 fi
-names+=(kwok kube-scheduler kube-controller-manager kube-apiserver prometheus etcd)
 
 # Signals the named processes, then waits for them (SIGKILL after DOWN_TIMEOUT).
 stop_wave() {
@@ -66,11 +65,12 @@ stop_wave() {
   done
 }
 
-# etcd only once the API server is gone: stopped together, the API server spends its whole
-# shutdown retrying etcd and is killed after DOWN_TIMEOUT.
-wave=()
-for n in "${names[@]}"; do [ "$n" = etcd ] || wave+=("$n"); done
-stop_wave "${wave[@]}"
+# Three waves. Other tools (operator, simulator) first: stopped together with the API server,
+# their watches and a Lease release keep it in its graceful shutdown until DOWN_TIMEOUT. etcd
+# only once the API server is gone: stopped together, the API server spends its whole shutdown
+# retrying etcd.
+[ ${#others[@]} -eq 0 ] || stop_wave "${others[@]}"
+stop_wave "${control_plane[@]}"
 stop_wave etcd
 # Pid files whose process was gone already.
 rm -f "$PIDS"/*.pid 2>/dev/null || true
