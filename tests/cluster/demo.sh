@@ -144,7 +144,9 @@ wait_for_stage "v1" Stable stableImage "$V1"
 VS_LOG=$STATE_DIR/virtualservice.log
 : >"$VS_LOG"
 stamp() { local line; while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done; }
-k get virtualservices.networking.istio.io "$NAME" -w \
+# "$KUBECTL" itself, not the function k: a backgrounded function is a subshell whose kill leaves
+# kubectl watching, and its open watch held the API server's shutdown for 15 s.
+"$KUBECTL" -n "$NS" get virtualservices.networking.istio.io "$NAME" -w \
   -o jsonpath='{.spec.http[*].route[*].destination.subset} / {.spec.http[*].route[*].weight}{"\n"}' \
   2>"$STATE_DIR/logs/virtualservice-watch.log" > >(stamp >"$VS_LOG") &
 WATCH_PIDS+=($!)
