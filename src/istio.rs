@@ -705,7 +705,9 @@ mod tests {
             env!("CARGO_MANIFEST_DIR"),
             "/../shared/testdata/istio-networking-crds.yaml"
         );
-        let text = std::fs::read_to_string(path).unwrap();
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
+            panic!("{path}: {e} (the shared test data sits beside this repository)")
+        });
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let crd = Value::deserialize(doc).unwrap();
             if crd["metadata"]["name"] != crd_name {
