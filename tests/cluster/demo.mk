@@ -7,6 +7,8 @@
 #                       kubeconfig in .local/kubeconfig
 #   make cluster-down   stop all of it
 #   make demo           a good release promoted and a bad one rolled back, narrated, then torn down
+#   make bench          the operator's memory and reconcile figures with BENCH_RELEASES
+#                       ChatReleases (default 100), printed, then torn down
 
 DEMO_MK_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 ifndef CLUSTER_TOOLS_ENV
@@ -19,6 +21,8 @@ CHATRELEASE_BIN_DIR ?= $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)/release
 # tools.mk's CLUSTER_STATE_DIR (.local/cluster) is `make cluster`'s; the demo has its own, so
 # both can run at once.
 DEMO_STATE_DIR ?= $(CURDIR)/.local/demo
+BENCH_STATE_DIR ?= $(CURDIR)/.local/bench
+BENCH_RELEASES ?= 100
 LOCAL_KUBECONFIG ?= $(CURDIR)/.local/kubeconfig
 # Requests per second the mesh simulator sends through each VirtualService: at 100, a 5% canary
 # gets ~70 requests per 10s window, well over demo-release.yaml's minRequests of 20.
@@ -31,7 +35,7 @@ DEMO_TOOLS = bash $(DEMO_MK_DIR)/progress.sh "building the control plane's tools
 DEMO_BINS = $(CARGO) build --release --bins
 DEMO_ENV = $(CLUSTER_TOOLS_ENV) CHATRELEASE_BIN_DIR='$(CHATRELEASE_BIN_DIR)' MESHSIM_RPS='$(MESHSIM_RPS)'
 
-.PHONY: cluster cluster-down demo
+.PHONY: cluster cluster-down demo bench
 
 cluster:
 	@$(DEMO_TOOLS)
@@ -47,3 +51,8 @@ demo:
 	@$(DEMO_TOOLS)
 	$(DEMO_BINS)
 	@$(DEMO_ENV) bash $(DEMO_MK_DIR)/demo.sh '$(DEMO_STATE_DIR)'
+
+bench:
+	@$(DEMO_TOOLS)
+	$(DEMO_BINS)
+	@$(DEMO_ENV) bash $(DEMO_MK_DIR)/bench.sh '$(BENCH_STATE_DIR)' '$(BENCH_RELEASES)'

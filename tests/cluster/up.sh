@@ -307,6 +307,8 @@ HOME=$STATE_DIR/kwok-home start kwok "$KWOK" "${kwok_args[@]}" \
   --node-lease-duration-seconds=40 \
   --cidr=10.244.0.0/16 --node-ip=127.0.0.1
 CURRENT=kube-apiserver
+# Room for make bench: its N releases run N stable and N canary pods on this one fake node, and a
+# real node's 110 pods would leave canaries Pending (rolled back at progressDeadline).
 kc apply -f - >"$LOGS/node.log" 2>&1 <<EOF || fail "could not create node $NODE_NAME: $(cat "$LOGS/node.log")"
 apiVersion: v1
 kind: Node
@@ -323,8 +325,8 @@ metadata:
     node-role.kubernetes.io/agent: ""
     type: kwok
 status:
-  allocatable: {cpu: "32", memory: 256Gi, pods: "110"}
-  capacity: {cpu: "32", memory: 256Gi, pods: "110"}
+  allocatable: {cpu: "1000", memory: 4Ti, pods: "2000"}
+  capacity: {cpu: "1000", memory: 4Ti, pods: "2000"}
 EOF
 node_ready() {
   [ "$(kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
