@@ -225,7 +225,9 @@ pub fn hold_rejected(
             stable: TrackPlan::Keep,
             canary: TrackPlan::Keep,
             canary_weight: status.canary_weight,
-            canary_routes: status.current_step.is_some(),
+            // As they were: a canary in a step, or Ready at a gate before its first step.
+            canary_routes: status.current_step.is_some()
+                || status.pause_reason == Some(PauseReason::ManualGate),
             stable_routes: status.phase != Phase::Promoting,
         },
         notices,
@@ -1403,6 +1405,34 @@ mod tests {
         assert!(again.notices.is_empty(), "no Event on every resync");
         let other = hold_rejected(&first.status, Some(3), "spec.strategy.interval: bad", t(7));
         assert_eq!(reasons(&other), vec!["SpecRejected"]);
+    }
+
+    #[test]
+    fn a_rejected_spec_leaves_the_routes_as_they_were() {
+        let mut at_first_gate = canary_at(0);
+        at_first_gate.settings.manual_gates = vec![5];
+        at_first_gate.status.current_step = None;
+        at_first_gate.status.canary_weight = 0;
+        let waiting = at_first_gate.decide(None, t(1));
+        assert!(waiting.plan.canary_routes);
+        let rejected = hold_rejected(&waiting.status, Some(2), "spec.replicas: bad", t(2));
+        let again = hold_rejected(&rejected.status, Some(2), "spec.replicas: bad", t(3));
+        for d in [&rejected, &again] {
+            assert_eq!(
+                (
+                    d.plan.canary_weight,
+                    d.plan.canary_routes,
+                    d.plan.stable_routes
+                ),
+                (0, true, true),
+                "testers keep their route to the canary at the gate"
+            );
+        }
+
+        let mut promoting = canary_at(3);
+        promoting.status.phase = Phase::Promoting;
+        let d = hold_rejected(&promoting.status, Some(2), "spec.replicas: bad", t(1));
+        assert!(!d.plan.stable_routes, "stable is still half rolled");
     }
 
     #[test]
