@@ -485,3 +485,18 @@ async fn each_step_is_an_event_of_its_own_not_a_series_showing_the_first_steps_n
     assert!(advanced[0].contains("5% → 25%"), "{advanced:?}");
     assert!(advanced[1].contains("25% → 50%"), "{advanced:?}");
 }
+
+#[test]
+fn the_deployment_cache_drops_only_what_the_decision_does_not_read() {
+    let v2 = ChatRelease::test("v2");
+    let mut full = deployment(&v2, Track::Canary, 2, 1);
+    full.metadata.managed_fields = Some(vec![Default::default()]);
+    let mut cached = full.clone();
+    crate::controller::keep_what_track_state_reads(&mut cached);
+    assert_eq!(
+        crate::workload::track_state(&cached),
+        crate::workload::track_state(&full)
+    );
+    assert!(cached.metadata.managed_fields.is_none());
+    assert!(cached.spec.expect("spec").template.spec.is_none());
+}
