@@ -96,30 +96,48 @@ pub fn queries_per_analysis(custom: usize) -> usize {
     3 + 2 * custom
 }
 
+/// How much each counter of `series` grew over `window`, a series born inside the window counted
+/// from zero. increase() only sees a rise between two samples, so a series whose first sample is
+/// already 2 adds nothing: when a canary starts, every series it has is new, and errors spread
+/// over ten codes (470-479) a few each were judged as no errors at all, passing a bad canary.
+/// A series present a window ago is taken by increase(); one that was not, by its whole value.
+fn growth(series: &str, window: &str) -> String {
+    format!(
+        "(increase({series}[{window}]) and {series} offset {window}) or ({series} unless {series} offset {window})"
+    )
+}
+
 /// Requests per track over the window, one series per `destination_workload`.
 pub fn requests_query(target: &AnalysisTarget) -> String {
+    let series = format!("istio_requests_total{{{}}}", selector(target));
     format!(
-        "sum by (destination_workload) (increase(istio_requests_total{{{}}}[{}]))",
-        selector(target),
-        prometheus_duration(target.window)
+        "sum by (destination_workload) ({})",
+        growth(&series, &prometheus_duration(target.window))
     )
 }
 
 /// Failed requests per track over the window: 5xx and LobeChat's 470-479.
 pub fn errors_query(target: &AnalysisTarget) -> String {
+    let series = format!(
+        "istio_requests_total{{{},response_code=~\"{ERROR_CODES}\"}}",
+        selector(target)
+    );
     format!(
-        "sum by (destination_workload) (increase(istio_requests_total{{{},response_code=~\"{ERROR_CODES}\"}}[{}]))",
-        selector(target),
-        prometheus_duration(target.window)
+        "sum by (destination_workload) ({})",
+        growth(&series, &prometheus_duration(target.window))
     )
 }
 
-/// P99 request duration per track in milliseconds.
+/// P99 request duration per track in milliseconds. The buckets' growth over the window, not their
+/// rate: the quantile depends only on how counts spread over buckets.
 pub fn latency_p99_query(target: &AnalysisTarget) -> String {
+    let series = format!(
+        "istio_request_duration_milliseconds_bucket{{{}}}",
+        selector(target)
+    );
     format!(
-        "histogram_quantile(0.99, sum by (destination_workload, le) (rate(istio_request_duration_milliseconds_bucket{{{}}}[{}])))",
-        selector(target),
-        prometheus_duration(target.window)
+        "histogram_quantile(0.99, sum by (destination_workload, le) ({}))",
+        growth(&series, &prometheus_duration(target.window))
     )
 }
 
@@ -661,7 +679,10 @@ mod tests {
     fn requests_for_both_tracks_come_from_one_query() {
         assert_eq!(
             requests_query(&target("http://p:9090")),
-            r#"sum by (destination_workload) (increase(istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}[60s]))"#
+            format!(
+                "sum by (destination_workload) ((increase({S}[60s]) and {S} offset 60s) or ({S} unless {S} offset 60s))",
+                S = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}"#
+            )
         );
     }
 
@@ -669,7 +690,10 @@ mod tests {
     fn errors_are_5xx_and_lobechat_provider_errors_470_to_479() {
         assert_eq!(
             errors_query(&target("http://p:9090")),
-            r#"sum by (destination_workload) (increase(istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable",response_code=~"5..|47."}[60s]))"#
+            format!(
+                "sum by (destination_workload) ((increase({S}[60s]) and {S} offset 60s) or ({S} unless {S} offset 60s))",
+                S = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable",response_code=~"5..|47."}"#
+            )
         );
     }
 
@@ -679,7 +703,10 @@ mod tests {
         t.window = Duration::from_secs(90);
         assert_eq!(
             latency_p99_query(&t),
-            r#"histogram_quantile(0.99, sum by (destination_workload, le) (rate(istio_request_duration_milliseconds_bucket{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}[90s])))"#
+            format!(
+                "histogram_quantile(0.99, sum by (destination_workload, le) ((increase({S}[90s]) and {S} offset 90s) or ({S} unless {S} offset 90s)))",
+                S = r#"istio_request_duration_milliseconds_bucket{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}"#
+            )
         );
     }
 
