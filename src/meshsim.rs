@@ -23,7 +23,7 @@
 
 use crate::crd::{HttpMatch, StringMatch};
 use crate::istio::{Destination, DestinationRule, HttpRouteDestination, VirtualService};
-use crate::telemetry::{OPENMETRICS_CONTENT_TYPE, reply, serve_http};
+use crate::telemetry::{TEXT, metrics_reply, reply, serve_http};
 use futures::StreamExt;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -1032,22 +1032,11 @@ impl MeshMetrics {
 
 /// Answers one request to the simulator's metrics server.
 fn route(method: &Method, path: &str, metrics: &MeshMetrics) -> Response<Full<Bytes>> {
-    const TEXT: &str = "text/plain; charset=utf-8";
     if method != Method::GET {
         return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET\n".into());
     }
     match path {
-        "/metrics" => match metrics.encode() {
-            Ok(text) => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text),
-            Err(error) => {
-                tracing::error!(%error, "cannot encode the metrics");
-                reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    TEXT,
-                    format!("cannot encode the metrics: {error}\n"),
-                )
-            }
-        },
+        "/metrics" => metrics_reply(metrics.encode()),
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         _ => reply(
             StatusCode::NOT_FOUND,

@@ -41,7 +41,8 @@ use tokio::task::JoinSet;
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-const TEXT: &str = "text/plain; charset=utf-8";
+/// Content type of the plain-text answers (health, errors).
+pub const TEXT: &str = "text/plain; charset=utf-8";
 
 /// What kind of metric a [`MetricDoc`] describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -751,6 +752,21 @@ pub enum TelemetryError {
     },
 }
 
+/// The answer to `GET /metrics`: the OpenMetrics text, or a 500 saying why it was not encoded.
+pub fn metrics_reply(encoded: Result<String, std::fmt::Error>) -> Response<Full<Bytes>> {
+    match encoded {
+        Ok(text) => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text),
+        Err(error) => {
+            tracing::error!(%error, "cannot encode the metrics");
+            reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                TEXT,
+                format!("cannot encode the metrics: {error}\n"),
+            )
+        }
+    }
+}
+
 /// A response with a body and its content type.
 pub fn reply(
     status: StatusCode,
@@ -776,17 +792,7 @@ fn route(
         return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET\n".into());
     }
     match path {
-        "/metrics" => match telemetry.encode() {
-            Ok(text) => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, text),
-            Err(error) => {
-                tracing::error!(%error, "cannot encode the metrics");
-                reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    TEXT,
-                    format!("cannot encode the metrics: {error}\n"),
-                )
-            }
-        },
+        "/metrics" => metrics_reply(telemetry.encode()),
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n".into()),
         "/readyz" if readiness.is_ready() => reply(StatusCode::OK, TEXT, "ready\n".into()),
         "/readyz" => reply(
