@@ -788,6 +788,20 @@ mod api_server {
         text(&out.stdout)
     }
 
+    /// `kubectl apply --server-side` of the objects in `manifests` (YAML or JSON), as this test.
+    fn apply_server_side(manifests: &str) {
+        kubectl_ok(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=helm-chart-test",
+                "-f",
+                "-",
+            ],
+            Some(manifests),
+        );
+    }
+
     /// A namespace for one test, deleted when the test ends (passed or not).
     struct Namespace(String);
 
@@ -1127,16 +1141,7 @@ mod api_server {
 
     fn apply_release(namespace: &str, image: &str) {
         let r = release(namespace, image, &cluster().prometheus_url);
-        kubectl_ok(
-            &[
-                "apply",
-                "--server-side",
-                "--field-manager=helm-chart-test",
-                "-f",
-                "-",
-            ],
-            Some(&serde_json::to_string(&r).unwrap()),
-        );
+        apply_server_side(&serde_json::to_string(&r).unwrap());
     }
 
     fn status(namespace: &str) -> Value {
@@ -1216,16 +1221,7 @@ mod api_server {
             })
             .collect();
         assert_eq!(objects.len(), 5);
-        kubectl_ok(
-            &[
-                "apply",
-                "--server-side",
-                "--field-manager=helm-chart-test",
-                "-f",
-                "-",
-            ],
-            Some(&yaml_stream(&objects)),
-        );
+        apply_server_side(&yaml_stream(&objects));
         // Cluster-scoped objects outlive the namespace: delete them at the end.
         struct ClusterRbac(String);
         impl Drop for ClusterRbac {
