@@ -231,13 +231,31 @@ impl ApiServer {
 
 /// A client whose every request goes to an `ApiServer` that answers like Kubernetes would.
 pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let server = ApiServer {
         calls: Arc::default(),
         release: Arc::new(Mutex::new(release.clone())),
     };
     let calls = server.calls.clone();
     let stored = server.release.clone();
+    let client = client_answered_by(NAMESPACE, move |method, uri, body| {
+        calls.lock().expect("calls lock").push(Call {
+            method: method.to_string(),
+            uri: uri.to_string(),
+            body: body.clone(),
+        });
+        (200, answer(uri, body, &stored))
+    });
+    (client, server)
+}
+
+/// A client in `default_namespace` whose requests are answered, on a task of their own, by
+/// `answer(method, uri, JSON body)` with a status code and a JSON body: the plumbing every mocked
+/// API server here shares.
+pub fn client_answered_by(
+    default_namespace: &str,
+    answer: impl Fn(&str, &str, &Value) -> (u16, Value) + Send + 'static,
+) -> Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     tokio::spawn(async move {
         while let Some((request, send)) = handle.next_request().await {
             let method = request.method().to_string();
@@ -248,25 +266,16 @@ pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
                 .await
                 .unwrap_or_default();
             let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            calls.lock().expect("calls lock").push(Call {
-                method: method.clone(),
-                uri: uri.clone(),
-                body: body.clone(),
-            });
-            let answer = answer(&uri, &body, &stored);
+            let (code, reply) = answer(&method, &uri, &body);
             send.send_response(
                 Response::builder()
-                    .status(200)
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()))
+                    .status(code)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap_or_default()))
                     .expect("response"),
             );
         }
     });
-    (client_from(service), server)
-}
-
-fn client_from(service: tower_test::mock::Mock<Request<Body>, Response<Body>>) -> Client {
-    Client::new(service, NAMESPACE)
+    Client::new(service, default_namespace)
 }
 
 /// What Kubernetes would send back: the applied object (with the metadata it keeps), a Scale for

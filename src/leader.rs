@@ -673,10 +673,8 @@ impl Elector<'_> {
 mod tests {
     use super::*;
     use clap::Parser;
-    use http::{Request, Response};
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-    use kube::client::Body;
     use serde_json::{Map, Value, json};
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -881,27 +879,10 @@ mod tests {
 
     impl LeaseServer {
         fn client(&self) -> Client {
-            let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
             let server = self.clone();
-            tokio::spawn(async move {
-                while let Some((request, send)) = handle.next_request().await {
-                    let method = request.method().clone();
-                    let bytes = request
-                        .into_body()
-                        .collect_bytes()
-                        .await
-                        .unwrap_or_default();
-                    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                    let (code, answer) = server.answer(method.as_str(), &body);
-                    send.send_response(
-                        Response::builder()
-                            .status(code)
-                            .body(Body::from(serde_json::to_vec(&answer).unwrap_or_default()))
-                            .expect("response"),
-                    );
-                }
-            });
-            Client::new(service, "default")
+            crate::fixtures::client_answered_by("default", move |method, _uri, body| {
+                server.answer(method, body)
+            })
         }
 
         fn answer(&self, method: &str, body: &Value) -> (u16, Value) {
