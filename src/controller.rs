@@ -10,7 +10,7 @@ use crate::rollout::{self, Decision, Plan, TrackPlan, World};
 use crate::router::{Routes, TrafficRouter};
 use crate::settings::Settings;
 use crate::workload::{self, Track};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
@@ -22,9 +22,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 /// How long to wait before retrying a reconcile that failed.
 pub const ERROR_REQUEUE: Duration = Duration::from_secs(10);
@@ -148,11 +149,23 @@ pub async fn run(
         .await;
 }
 
-/// One reconcile of one ChatRelease.
+/// One reconcile of one ChatRelease. A panic inside it (a bug, or an input nobody foresaw) is
+/// caught here: it must not take the process down and stop every other ChatRelease from being
+/// judged. That ChatRelease goes to `Failed` with the panic's message; traffic stays where it is.
 pub async fn reconcile(release: Arc<ChatRelease>, ctx: Arc<Context>) -> Result<Action, Error> {
     let span = info_span!("reconcile", chatrelease = %release.name_any(), namespace = release.namespace().unwrap_or_default());
     let started = std::time::Instant::now();
-    let result = reconcile_inner(&release, &ctx).instrument(span).await;
+    let caught = AssertUnwindSafe(reconcile_inner(&release, &ctx).instrument(span.clone()))
+        .catch_unwind()
+        .await;
+    let result = match caught {
+        Ok(result) => result,
+        Err(panic) => Err(
+            fail_after_panic(&release, &ctx, panic_message(panic.as_ref()))
+                .instrument(span)
+                .await,
+        ),
+    };
     // Failures are counted once, in `error_policy`.
     if let (Ok((_, Some(decision))), Some(observer)) = (&result, &ctx.observer) {
         observer.reconciled(&release, decision, started.elapsed());
@@ -254,6 +267,41 @@ async fn reconcile_inner(
         publish(ctx, release, notice.warning, notice.reason, &notice.note).await;
     }
     Ok((Action::requeue(decision.requeue_after), Some(decision)))
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Reports a reconcile that panicked as the ChatRelease's `Failed`, from a fresh read so the rest
+/// of status stays what the last good reconcile wrote. Returns the error for `error_policy`.
+async fn fail_after_panic(release: &ChatRelease, ctx: &Context, message: String) -> Error {
+    let namespace = release.namespace().unwrap_or_default();
+    let name = release.name_any();
+    error!(%message, "reconcile panicked; the ChatRelease is marked Failed and retried");
+    let error = Error::Panicked {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        message,
+    };
+    let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
+    match api.get_opt(&name).await {
+        Ok(Some(fresh)) => {
+            let status = fresh.status.clone().unwrap_or_default();
+            let problem =
+                format!("{error} (a bug in the operator: please report it with this message)");
+            if let Err(write) = reject(ctx, &fresh, &status, &problem, (ctx.clock)()).await {
+                warn!(error = %write, "could not mark the ChatRelease Failed after a panic");
+            }
+        }
+        Ok(None) => {}
+        Err(read) => warn!(error = %read, "could not read the ChatRelease after a panic"),
+    }
+    error
 }
 
 /// The spec cannot be applied: status says why (phase Failed, Ready=False), traffic stays put.

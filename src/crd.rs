@@ -9,10 +9,30 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Go-style duration as Kubernetes writes them: `30s`, `1m`, `1h30m`, `250ms`.
-const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ms|s|m|h))+$')";
+/// Go-style duration as Kubernetes writes them: `30s`, `1m`, `1h30m`, `250ms`. At most six digits
+/// a number and 16 characters, so CEL's `duration()` in the range rules below cannot overflow.
+macro_rules! duration_regex {
+    () => {
+        "'^([0-9]{1,6}(\\\\.[0-9]{1,9})?(ms|s|m|h))+$'"
+    };
+}
+const DURATION_RULE: &str = concat!("self.matches(", duration_regex!(), ")");
 const DURATION_MESSAGE: &str =
     "must be a duration such as 30s, 1m, 5m or 1h30m (units ms, s, m, h)";
+/// A range rule that holds for a malformed text, which DURATION_RULE already reports.
+macro_rules! duration_range_rule {
+    ($min:literal, $max:literal) => {
+        concat!(
+            "!self.matches(",
+            duration_regex!(),
+            ") || (duration(self) >= duration('",
+            $min,
+            "') && duration(self) <= duration('",
+            $max,
+            "'))"
+        )
+    };
+}
 
 /// A canary release of a chat web app: a stable and a canary Deployment behind one Service, with
 /// traffic split by Istio and every step judged by Prometheus.
@@ -173,8 +193,10 @@ pub struct Strategy {
     pub steps: Vec<i32>,
     /// Time between two analyses (and two steps).
     #[serde(default = "default_interval")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("1s", "24h"))
+        .message("strategy.interval must be from 1s to 24h"))]
     pub interval: String,
     /// Weights the canary enters only after the promote annotation.
     #[serde(default)]
@@ -182,13 +204,18 @@ pub struct Strategy {
     pub manual_gates: Vec<i32>,
     /// How long canary pods keep running after traffic leaves them, so streaming chats finish.
     #[serde(default = "default_drain_timeout")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("0s", "24h"))
+        .message("strategy.drainTimeout must be from 0s to 24h"))]
     pub drain_timeout: String,
-    /// Canary pods not Ready by then roll back; analysis inconclusive this long pauses.
+    /// Canary pods not Ready by then roll back; no analysis passing at a step this long rolls
+    /// back (the last evidence failed) or pauses.
     #[serde(default = "default_progress_deadline")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("30s", "24h"))
+        .message("strategy.progressDeadline must be from 30s to 24h"))]
     pub progress_deadline: String,
 }
 
@@ -225,16 +252,18 @@ pub struct Analysis {
     pub prometheus: Option<PrometheusSource>,
     /// Range of each query. Default: the interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("1s", "24h"))
+        .message("analysis.window must be from 1s to 24h"))]
     pub window: Option<String>,
     /// Fewer canary requests than this in a window make the analysis inconclusive.
     #[serde(default = "default_min_requests")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
     pub min_requests: i64,
     /// Consecutive failed analyses that roll back.
     #[serde(default = "default_failure_limit")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 100))]
     pub failure_limit: i32,
     /// A breach that stable shares in the same window is not the canary's fault.
     #[serde(default = "default_true")]
@@ -305,8 +334,10 @@ pub struct ErrorRateBound {
 #[serde(rename_all = "camelCase")]
 pub struct LatencyBound {
     /// Highest acceptable P99 request duration, such as `3s` or `800ms`.
-    #[schemars(length(max = 32))]
+    #[schemars(length(max = 16))]
     #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("1ms", "1h"))
+        .message("analysis.latencyP99.max must be from 1ms to 1h"))]
     pub max: String,
 }
 
@@ -418,7 +449,8 @@ pub struct ChatReleaseStatus {
     /// When the canary entered its current weight; the next analysis is an interval later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_started_at: Option<Time>,
-    /// Start of the current run of inconclusive analyses.
+    /// Start of the current run of analyses at this step that did not pass (failed or
+    /// inconclusive): past progressDeadline it rolls back or pauses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inconclusive_since: Option<Time>,
     /// When traffic last left the canary; its pods scale to 0 a drainTimeout later.

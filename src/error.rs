@@ -20,6 +20,13 @@ pub enum Error {
     /// Something the operator expected is not there (a namespace, a stable Deployment).
     #[error("{0}")]
     Missing(String),
+    /// Reconciling one ChatRelease panicked: a bug, caught so the others go on being judged.
+    #[error("internal error while reconciling {namespace}/{name}: {message}")]
+    Panicked {
+        namespace: String,
+        name: String,
+        message: String,
+    },
     /// An object could not be turned into JSON for an apply.
     #[error("serialising {kind} {name}: {source}")]
     Serialize {
@@ -54,6 +61,7 @@ impl Error {
             Error::Spec(_) => "spec",
             Error::Missing(_) => "missing",
             Error::Serialize { .. } => "serialize",
+            Error::Panicked { .. } => "panic",
         }
     }
 

@@ -28,6 +28,10 @@ pub struct Judgement {
     pub checks: Vec<CheckRecord>,
     /// One sentence for status.message.
     pub reason: String,
+    /// Inconclusive because the canary breached a bound that stable breached as badly: evidence
+    /// that the canary is no worse. Every other inconclusive (Prometheus down, too few requests,
+    /// no value for a check) carries no evidence either way.
+    pub shared_trouble: bool,
 }
 
 pub fn judge(settings: &JudgeSettings, observations: &Observations) -> Judgement {
@@ -39,13 +43,14 @@ pub fn judge(settings: &JudgeSettings, observations: &Observations) -> Judgement
                 stable_requests: None,
                 checks: Vec::new(),
                 reason: format!("metrics unavailable ({reason})"),
+                shared_trouble: false,
             };
         }
         Observations::Sampled { canary, stable } => (canary, stable),
     };
     // A counter with no matching series has simply not counted anything yet.
-    let canary_requests = canary.requests.unwrap_or(0.0);
-    let stable_requests = stable.requests.unwrap_or(0.0);
+    let canary_requests = count(canary.requests);
+    let stable_requests = count(stable.requests);
     if canary_requests < settings.min_requests {
         return Judgement {
             verdict: Verdict::Inconclusive,
@@ -57,6 +62,7 @@ pub fn judge(settings: &JudgeSettings, observations: &Observations) -> Judgement
                 canary_requests.round(),
                 settings.min_requests
             ),
+            shared_trouble: false,
         };
     }
     let stable_has_traffic = stable_requests >= settings.min_requests;
@@ -91,13 +97,26 @@ pub fn judge(settings: &JudgeSettings, observations: &Observations) -> Judgement
 
     let verdict = overall(&checks);
     let reason = explain(verdict, &checks);
+    // A check is inconclusive for one of two reasons: the canary has no value (no evidence), or
+    // its value breaches a bound stable breaches as badly (the canary has a value).
+    let shared_trouble = verdict == Verdict::Inconclusive
+        && checks
+            .iter()
+            .any(|c| c.verdict == Verdict::Inconclusive && c.canary.is_some());
     Judgement {
         verdict,
         canary_requests: Some(canary_requests),
         stable_requests: Some(stable_requests),
         checks,
         reason,
+        shared_trouble,
     }
+}
+
+/// A request or error count as the judge may use it: no series, NaN or a negative value (a reset
+/// counter read across the reset) count as nothing.
+fn count(value: Option<f64>) -> f64 {
+    value.filter(|v| v.is_finite() && *v > 0.0).unwrap_or(0.0)
 }
 
 fn overall(checks: &[CheckRecord]) -> Verdict {
@@ -132,10 +151,11 @@ fn error_rate_check(
     stable: &TrackSample,
     compare: bool,
 ) -> CheckRecord {
-    let canary_n = canary.requests.unwrap_or(0.0);
-    let stable_n = stable.requests.unwrap_or(0.0);
-    let canary_errors = canary.errors.unwrap_or(0.0);
-    let stable_errors = stable.errors.unwrap_or(0.0);
+    let canary_n = count(canary.requests);
+    let stable_n = count(stable.requests);
+    // The two counts come from two queries: errors may read a little over requests.
+    let canary_errors = count(canary.errors).min(canary_n);
+    let stable_errors = count(stable.errors).min(stable_n);
     let canary_rate = canary_errors / canary_n;
     let stable_rate = (stable_n > 0.0).then(|| stable_errors / stable_n);
     let max = settings.max_error_rate;

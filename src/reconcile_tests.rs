@@ -500,3 +500,54 @@ fn the_deployment_cache_drops_only_what_the_decision_does_not_read() {
     assert!(cached.metadata.managed_fields.is_none());
     assert!(cached.spec.expect("spec").template.spec.is_none());
 }
+
+/// A metrics source with a bug: it panics when asked.
+struct PanickingMetrics;
+
+impl crate::metrics::MetricsSource for PanickingMetrics {
+    fn observe<'a>(
+        &'a self,
+        _target: &'a crate::metrics::AnalysisTarget,
+    ) -> crate::metrics::BoxFuture<'a, crate::metrics::Observations> {
+        Box::pin(async { panic!("metrics source bug: index out of bounds") })
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_reconciling_marks_that_release_failed_instead_of_ending_the_process() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let at_5 = v2.clone().with_status(canary_status(&v1, &v2, 0, t0()));
+    let mut h = Harness::new(&at_5, t0() + minutes(1));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    std::sync::Arc::get_mut(&mut h.ctx)
+        .expect("the harness holds the only Context")
+        .metrics = std::sync::Arc::new(PanickingMetrics);
+
+    let result = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        crate::controller::reconcile(std::sync::Arc::new(h.stored()), h.ctx.clone()),
+    )
+    .await
+    .expect("reconcile finished in time");
+    let error = result.expect_err("a panic is an error, not a success");
+    assert!(
+        matches!(error, crate::error::Error::Panicked { .. }),
+        "{error}"
+    );
+    let status = last_status(&h);
+    assert_eq!(status.phase, Phase::Failed);
+    assert!(
+        status.message.contains("metrics source bug"),
+        "{}",
+        status.message
+    );
+    assert_eq!(status.canary_weight, 5, "traffic stays where it was");
+    assert!(
+        h.server.virtual_service_writes().is_empty(),
+        "no route is written after a panic"
+    );
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    assert_eq!(ready.map(|c| c.status.as_str()), Some("False"));
+}

@@ -161,7 +161,7 @@ fn next_analysis_at(settings: &Settings, status: &ChatReleaseStatus) -> Option<T
     let step = status.step_started_at.as_ref().map(|t| t.0);
     let last = status.last_analysis.as_ref().map(|a| a.time.0);
     let base = step.into_iter().chain(last).max()?;
-    Some(base + signed(settings.interval))
+    Some(later(base, settings.interval))
 }
 
 /// The next action. `observations` is `Some` when an analysis was due and metrics were asked.
@@ -339,7 +339,7 @@ impl<'a> Draft<'a> {
         self.next
             .draining_since
             .as_ref()
-            .map(|t| t.0 + signed(self.settings.drain_timeout))
+            .map(|t| later(t.0, self.settings.drain_timeout))
     }
 
     fn still_draining(&self) -> bool {
@@ -688,7 +688,7 @@ impl<'a> Draft<'a> {
             .canary_started_at
             .as_ref()
             .map_or(self.now, |t| t.0);
-        if self.now >= started + signed(self.settings.progress_deadline) {
+        if self.now >= later(started, self.settings.progress_deadline) {
             let reason = format!(
                 "canary pods not Ready within progressDeadline {} ({})",
                 humantime::format_duration(self.settings.progress_deadline),
@@ -713,7 +713,6 @@ impl<'a> Draft<'a> {
         match judgement.verdict {
             Verdict::Fail => {
                 self.next.failed_checks += 1;
-                self.next.inconclusive_since = None;
                 let limit = self.settings.judge.failure_limit;
                 let failed = self.next.failed_checks;
                 if failed >= limit {
@@ -721,36 +720,41 @@ impl<'a> Draft<'a> {
                         "analysis failed {failed} of {limit} allowed times: {}",
                         judgement.reason
                     );
-                    self.rollback(reason);
-                } else {
-                    self.next.message = format!(
-                        "holding at {weight}%: analysis failed ({failed} of {limit} allowed): {}",
-                        judgement.reason
-                    );
-                    self.warn("AnalysisFailed", self.next.message.clone());
-                    self.action = Action::Hold;
+                    return self.rollback(reason);
                 }
+                if self.undecided_too_long() {
+                    return self.rollback(self.undecided_rollback_reason(&judgement));
+                }
+                self.next.message = format!(
+                    "holding at {weight}%: analysis failed ({failed} of {limit} allowed): {}",
+                    judgement.reason
+                );
+                self.warn("AnalysisFailed", self.next.message.clone());
+                self.action = Action::Hold;
             }
             Verdict::Inconclusive => {
-                // Failures count only when consecutive: an inconclusive analysis breaks the run,
-                // so chance fails hours apart in a long shared outage do not add up to a rollback.
-                self.next.failed_checks = 0;
-                let since = self
-                    .next
-                    .inconclusive_since
-                    .as_ref()
-                    .map_or(self.now, |t| t.0);
-                self.next.inconclusive_since = Some(Time(since));
-                let too_long = self.now >= since + signed(self.settings.progress_deadline);
-                if too_long && self.next.pause_reason.is_none() {
-                    self.next.phase = Phase::Paused;
-                    self.next.pause_reason = Some(PauseReason::Inconclusive);
-                    self.next.message = format!(
-                        "paused at {weight}%: analysis inconclusive for longer than progressDeadline {} ({}); promote or roll back by hand",
-                        humantime::format_duration(self.settings.progress_deadline),
-                        judgement.reason
-                    );
-                    self.warn("AnalysisInconclusive", self.next.message.clone());
+                // Evidence that the canary is no worse than stable (trouble both share) breaks a
+                // run of failures, so chance fails hours apart in a long shared outage do not add
+                // up to a rollback. A window with no evidence (too few requests, no metrics)
+                // neither counts nor breaks: fail, too few, fail is two failures in a row.
+                if judgement.shared_trouble {
+                    self.next.failed_checks = 0;
+                }
+                if self.undecided_too_long() {
+                    if self.next.failed_checks > 0 {
+                        // The last evidence says worse, and nothing since says otherwise.
+                        return self.rollback(self.undecided_rollback_reason(&judgement));
+                    }
+                    if self.next.pause_reason.is_none() {
+                        self.next.phase = Phase::Paused;
+                        self.next.pause_reason = Some(PauseReason::Inconclusive);
+                        self.next.message = format!(
+                            "paused at {weight}%: no analysis passed for longer than progressDeadline {} ({}); promote or roll back by hand",
+                            humantime::format_duration(self.settings.progress_deadline),
+                            judgement.reason
+                        );
+                        self.warn("AnalysisInconclusive", self.next.message.clone());
+                    }
                 } else {
                     self.next.message = format!("holding at {weight}%: {}", judgement.reason);
                 }
@@ -774,9 +778,29 @@ impl<'a> Draft<'a> {
                 }
             }
         }
-        if self.action != Action::Rollback {
-            self.requeue_after = until(self.now, next_analysis_at(self.settings, &self.next));
-        }
+        self.requeue_after = until(self.now, next_analysis_at(self.settings, &self.next));
+    }
+
+    /// No analysis has passed at this step for progressDeadline: the canary must not hold users
+    /// undecided any longer. Starts the clock at the first analysis that did not pass.
+    fn undecided_too_long(&mut self) -> bool {
+        let since = self
+            .next
+            .inconclusive_since
+            .as_ref()
+            .map_or(self.now, |t| t.0);
+        self.next.inconclusive_since = Some(Time(since));
+        self.now >= later(since, self.settings.progress_deadline)
+    }
+
+    fn undecided_rollback_reason(&self, judgement: &Judgement) -> String {
+        format!(
+            "no analysis passed for longer than progressDeadline {} and the last with evidence failed ({} of {} allowed in a row): {}",
+            humantime::format_duration(self.settings.progress_deadline),
+            self.next.failed_checks,
+            self.settings.judge.failure_limit,
+            judgement.reason
+        )
     }
 
     fn record(&mut self, judgement: &Judgement) {
@@ -957,8 +981,13 @@ impl<'a> Draft<'a> {
     }
 }
 
-fn signed(d: Duration) -> SignedDuration {
-    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
+/// `at + d`, or the end of time: a status time near jiff's limit plus a long duration must not
+/// panic (overflowing `+` does), and "never" is the right reading of a sum past year 9999.
+fn later(at: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| at.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
 }
 
 /// Time from now until `at`, or a resync if there is nothing to wait for.
@@ -1379,20 +1408,112 @@ mod tests {
         assert_eq!((d.status.failed_checks, d.status.canary_weight), (0, 50));
     }
 
+    /// A canary that served fewer than minRequests in the window.
+    fn too_few_requests() -> Observations {
+        let track = |n: f64, errors: f64| TrackSample {
+            requests: Some(n),
+            errors: Some(errors),
+            latency_p99_ms: Some(100.0),
+            custom: Default::default(),
+        };
+        Observations::Sampled {
+            canary: track(30.0, 9.0),
+            stable: track(38000.0, 76.0),
+        }
+    }
+
     #[test]
-    fn failures_roll_back_only_when_consecutive() {
-        let mut case = canary_at(1);
-        let bad = canary_erroring();
+    fn a_window_without_evidence_does_not_break_a_run_of_failures() {
         let down = Observations::Unavailable {
             reason: "Prometheus is down".into(),
         };
-        for (minute, observations) in [(1, &bad), (2, &down), (3, &bad)] {
-            let d = case.decide(Some(observations), t(minute));
-            assert_ne!(d.action, Action::Rollback, "minute {minute}");
+        for gap in [down, too_few_requests()] {
+            let mut case = canary_at(1);
+            let d = case.decide(Some(&canary_erroring()), t(1));
+            assert_eq!((d.action, d.status.failed_checks), (Action::Hold, 1));
+            case.status = d.status;
+            let d = case.decide(Some(&gap), t(2));
+            assert_eq!((d.action, d.status.failed_checks), (Action::Hold, 1));
+            case.status = d.status;
+            let d = case.decide(Some(&canary_erroring()), t(3));
+            assert_eq!(d.action, Action::Rollback, "fail, no evidence, fail");
+            assert_eq!(d.plan.canary_weight, 0);
+        }
+    }
+
+    #[test]
+    fn trouble_both_versions_share_breaks_a_run_of_failures() {
+        let mut case = canary_at(1);
+        for (minute, observations) in [(1, canary_erroring()), (2, shared_outage())] {
+            let d = case.decide(Some(&observations), t(minute));
+            assert_eq!(d.action, Action::Hold, "minute {minute}");
             case.status = d.status;
         }
-        let d = case.decide(Some(&bad), t(4));
+        assert_eq!(
+            case.status.failed_checks, 0,
+            "shared trouble resets the run"
+        );
+        let d = case.decide(Some(&canary_erroring()), t(3));
+        assert_eq!((d.action, d.status.failed_checks), (Action::Hold, 1));
+        case.status = d.status;
+        let d = case.decide(Some(&canary_erroring()), t(4));
         assert_eq!(d.action, Action::Rollback, "two fails in a row");
+    }
+
+    #[test]
+    fn a_canary_undecided_past_the_deadline_rolls_back_when_its_last_evidence_failed() {
+        // failureLimit out of reach: fail and too-few alternate for longer than progressDeadline.
+        let mut case = canary_at(0);
+        case.settings.judge.failure_limit = 100;
+        let deadline = case.settings.progress_deadline.as_secs() as i64 / 60;
+        let mut minute = 1;
+        loop {
+            let observations = if minute % 2 == 1 {
+                canary_erroring()
+            } else {
+                too_few_requests()
+            };
+            let d = case.decide(Some(&observations), t(minute));
+            if minute <= deadline {
+                assert_eq!(d.action, Action::Hold, "minute {minute}");
+                assert_eq!(d.status.canary_weight, 5, "minute {minute}");
+                case.status = d.status;
+                minute += 1;
+                continue;
+            }
+            assert_eq!(d.action, Action::Rollback, "minute {minute}");
+            assert!(
+                d.status.message.contains("progressDeadline"),
+                "{}",
+                d.status.message
+            );
+            break;
+        }
+        assert_eq!(
+            minute,
+            deadline + 1,
+            "decided at the first analysis past the deadline"
+        );
+    }
+
+    #[test]
+    fn a_shared_outage_past_the_deadline_pauses_even_after_a_chance_failure() {
+        let mut case = canary_at(0);
+        let d = case.decide(Some(&canary_erroring()), t(1));
+        case.status = d.status;
+        let mut now = t(2);
+        let deadline = later(t(1), case.settings.progress_deadline);
+        while now < deadline {
+            let d = case.decide(Some(&shared_outage()), now);
+            assert_eq!(d.action, Action::Hold);
+            case.status = d.status;
+            now += SignedDuration::from_secs(60);
+        }
+        let d = case.decide(Some(&shared_outage()), now);
+        assert_eq!(
+            (d.action, d.status.phase, d.status.canary_weight),
+            (Action::Hold, Phase::Paused, 5)
+        );
     }
 
     #[test]

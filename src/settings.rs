@@ -23,6 +23,11 @@ impl SpecError {
     }
 }
 
+/// Upper bounds of the spec's numbers, the same as the CRD's schema (`crd.rs`).
+pub const MAX_REPLICAS: i32 = 1000;
+pub const MAX_MIN_REQUESTS: i64 = 1_000_000_000;
+pub const MAX_FAILURE_LIMIT: i32 = 100;
+
 /// Everything the judge and the rollout state machine need from a spec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -58,8 +63,11 @@ pub struct CustomCheck {
 
 impl Settings {
     pub fn from_spec(spec: &ChatReleaseSpec) -> Result<Self, SpecError> {
-        if spec.replicas < 1 {
-            return Err(SpecError::new("replicas", "must be at least 1"));
+        if !(1..=MAX_REPLICAS).contains(&spec.replicas) {
+            return Err(SpecError::new(
+                "replicas",
+                format!("must be from 1 to {MAX_REPLICAS}"),
+            ));
         }
         let has_containers = spec
             .template
@@ -84,36 +92,30 @@ impl Settings {
                 ));
             }
         }
-        let interval = parse_duration("strategy.interval", &strategy.interval)?;
-        if interval.is_zero() {
-            return Err(SpecError::new(
-                "strategy.interval",
-                "must be longer than 0s",
-            ));
-        }
+        let interval = parse_duration("strategy.interval", &strategy.interval, INTERVAL_RANGE)?;
         let window = match &spec.analysis.window {
-            Some(w) => parse_duration("analysis.window", w)?,
+            Some(w) => parse_duration("analysis.window", w, WINDOW_RANGE)?,
             None => interval,
         };
-        if window.is_zero() {
-            return Err(SpecError::new("analysis.window", "must be longer than 0s"));
-        }
 
         let analysis = &spec.analysis;
-        if analysis.min_requests < 1 {
-            return Err(SpecError::new("analysis.minRequests", "must be at least 1"));
+        if !(1..=MAX_MIN_REQUESTS).contains(&analysis.min_requests) {
+            return Err(SpecError::new(
+                "analysis.minRequests",
+                format!("must be from 1 to {MAX_MIN_REQUESTS}"),
+            ));
         }
-        if analysis.failure_limit < 1 {
+        if !(1..=MAX_FAILURE_LIMIT).contains(&analysis.failure_limit) {
             return Err(SpecError::new(
                 "analysis.failureLimit",
-                "must be at least 1",
+                format!("must be from 1 to {MAX_FAILURE_LIMIT}"),
             ));
         }
         let max_error_rate = parse_percent("analysis.errorRate.max", &analysis.error_rate.max)?;
         let max_latency_p99_ms = analysis
             .latency_p99
             .as_ref()
-            .map(|l| parse_duration("analysis.latencyP99.max", &l.max))
+            .map(|l| parse_duration("analysis.latencyP99.max", &l.max, LATENCY_RANGE))
             .transpose()?
             .map(|d| d.as_secs_f64() * 1000.0);
         let custom = custom_checks(&analysis.metrics)?;
@@ -124,10 +126,15 @@ impl Settings {
             manual_gates: strategy.manual_gates.clone(),
             interval,
             window,
-            drain_timeout: parse_duration("strategy.drainTimeout", &strategy.drain_timeout)?,
+            drain_timeout: parse_duration(
+                "strategy.drainTimeout",
+                &strategy.drain_timeout,
+                DRAIN_TIMEOUT_RANGE,
+            )?,
             progress_deadline: parse_duration(
                 "strategy.progressDeadline",
                 &strategy.progress_deadline,
+                PROGRESS_DEADLINE_RANGE,
             )?,
             judge: JudgeSettings {
                 min_requests: analysis.min_requests as f64,
@@ -218,21 +225,137 @@ fn custom_checks(metrics: &[CustomMetric]) -> Result<Vec<CustomCheck>, SpecError
     Ok(checks)
 }
 
-/// Parses a Go-style duration (`90s`, `1m`, `1h30m`, `250ms`), the form Kubernetes users write.
-pub fn parse_duration(field: &str, text: &str) -> Result<Duration, SpecError> {
-    let parsed: kube::core::Duration = text.parse().map_err(|e| {
-        SpecError::new(
-            field,
-            format!("{text:?} is not a duration such as 30s, 1m or 1h30m ({e})"),
-        )
-    })?;
-    if parsed.is_negative() || text.trim().is_empty() {
-        return Err(SpecError::new(
-            field,
-            format!("{text:?} must be a positive duration such as 30s or 1m"),
-        ));
+/// The range a duration field accepts. The CRD's CEL rules refuse the same at apply
+/// (`crd.rs`); checking again here covers objects admitted before a CRD upgrade and `simulate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationRange {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+const fn range(min_secs: u64, max_secs: u64) -> DurationRange {
+    DurationRange {
+        min: Duration::from_secs(min_secs),
+        max: Duration::from_secs(max_secs),
     }
-    Ok(parsed.into())
+}
+
+const DAY: u64 = 24 * 3600;
+/// `strategy.interval` and `analysis.window`: a query range Prometheus can answer.
+pub const INTERVAL_RANGE: DurationRange = range(1, DAY);
+pub const WINDOW_RANGE: DurationRange = range(1, DAY);
+/// `strategy.drainTimeout`: 0s means no drain.
+pub const DRAIN_TIMEOUT_RANGE: DurationRange = range(0, DAY);
+/// `strategy.progressDeadline`: canary pods need some time to start.
+pub const PROGRESS_DEADLINE_RANGE: DurationRange = range(30, DAY);
+/// `analysis.latencyP99.max`: Istio's histogram ends at one hour.
+pub const LATENCY_RANGE: DurationRange = DurationRange {
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(3600),
+};
+
+/// Parses a Go-style duration (`90s`, `1m`, `1h30m`, `250ms`), the form Kubernetes users write,
+/// and checks it lies in `range`. Any text gives a value or an error naming the field, never a
+/// panic: every step of the arithmetic is checked.
+pub fn parse_duration(
+    field: &str,
+    text: &str,
+    range: DurationRange,
+) -> Result<Duration, SpecError> {
+    let bounds = format!("from {} to {}", go_style(range.min), go_style(range.max));
+    let duration = go_duration(text).map_err(|problem| {
+        let why = match problem {
+            DurationProblem::Malformed => {
+                "is not a duration such as 30s, 1m or 1h30m (units ms, s, m, h)"
+            }
+            DurationProblem::TooLong => "is far too long",
+        };
+        SpecError::new(field, format!("{text:?} {why}; it must be {bounds}"))
+    })?;
+    if duration < range.min || duration > range.max {
+        return Err(SpecError::new(field, format!("{text:?} must be {bounds}")));
+    }
+    Ok(duration)
+}
+
+/// A duration as the spec writes them: `24h`, `1h30m`, `30s`, `250ms`.
+pub fn go_style(d: Duration) -> String {
+    let secs = d.as_secs();
+    let (h, m, s, ms) = (secs / 3600, secs / 60 % 60, secs % 60, d.subsec_millis());
+    let parts = [(h, "h"), (m, "m"), (s, "s"), (u64::from(ms), "ms")];
+    let text: String = parts
+        .iter()
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, unit)| format!("{n}{unit}"))
+        .collect();
+    if text.is_empty() { "0s".into() } else { text }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DurationProblem {
+    Malformed,
+    /// More than any field could accept; reported apart so no arithmetic needs to hold it.
+    TooLong,
+}
+
+/// `(<digits>[.<digits>](ms|s|m|h))+` in nanoseconds.
+fn go_duration(text: &str) -> Result<Duration, DurationProblem> {
+    // Beyond any range above, and far from u128's limit, so the sums below cannot overflow.
+    const CAP_NANOS: u128 = 1_000_000 * 3600 * 1_000_000_000;
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return Err(DurationProblem::Malformed);
+    }
+    let mut total: u128 = 0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .ok_or(DurationProblem::Malformed)?;
+        let (number, after) = rest.split_at(digits);
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(after.len());
+        let (unit, next) = after.split_at(unit_len);
+        let unit_nanos: u128 = match unit {
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60 * 1_000_000_000,
+            "h" => 3600 * 1_000_000_000,
+            _ => return Err(DurationProblem::Malformed),
+        };
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        let well_formed = !whole.is_empty()
+            && whole.bytes().all(|b| b.is_ascii_digit())
+            && (!number.contains('.') || !fraction.is_empty())
+            && fraction.bytes().all(|b| b.is_ascii_digit());
+        if !well_formed {
+            return Err(DurationProblem::Malformed);
+        }
+        let mut whole_value: u128 = 0;
+        for digit in whole.bytes() {
+            whole_value = whole_value * 10 + u128::from(digit - b'0');
+            if whole_value * unit_nanos > CAP_NANOS {
+                return Err(DurationProblem::TooLong);
+            }
+        }
+        // The first 18 digits of the fraction count (more cannot change a nanosecond); what is
+        // below a nanosecond is dropped, as Go does.
+        let (mut numerator, mut denominator) = (0u128, 1u128);
+        for digit in fraction.bytes().take(18) {
+            numerator = numerator * 10 + u128::from(digit - b'0');
+            denominator *= 10;
+        }
+        let fraction_nanos = numerator * unit_nanos / denominator;
+        total += whole_value * unit_nanos + fraction_nanos;
+        if total > CAP_NANOS {
+            return Err(DurationProblem::TooLong);
+        }
+        rest = next;
+    }
+    let secs = u64::try_from(total / 1_000_000_000).map_err(|_| DurationProblem::TooLong)?;
+    // The remainder of a division by 10^9 fits in u32.
+    let nanos = (total % 1_000_000_000) as u32;
+    Ok(Duration::new(secs, nanos))
 }
 
 /// Parses `1%` or `0.5%` into a fraction.
@@ -279,20 +402,116 @@ mod tests {
         assert_eq!(s.judge.max_latency_p99_ms, None);
     }
 
+    const ANY: DurationRange = DurationRange {
+        min: Duration::ZERO,
+        max: Duration::from_secs(DAY),
+    };
+
     #[test]
     fn go_durations_parse_including_compound_ones() {
+        for (text, want) in [
+            ("1h30m", Duration::from_secs(5400)),
+            ("250ms", Duration::from_millis(250)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("0.25m", Duration::from_secs(15)),
+            ("1m30s500ms", Duration::from_millis(90_500)),
+            ("0s", Duration::ZERO),
+            ("24h", Duration::from_secs(DAY)),
+            // Digits past the nanosecond are dropped, as Go does.
+            (
+                "1.99999999999999999999999h",
+                Duration::new(7199, 999_999_999),
+            ),
+        ] {
+            assert_eq!(parse_duration("f", text, ANY), Ok(want), "{text}");
+        }
+    }
+
+    #[test]
+    fn any_text_is_a_duration_or_an_error_never_a_panic() {
+        for text in [
+            "99999999999999999999h",
+            "100000000h",
+            "18446744073709551616s",
+            "9999999999999999999999999999999999999999ms",
+            "23h59m60s1ms",
+            "",
+            " ",
+            "h",
+            ".5s",
+            "5.s",
+            "1..5s",
+            "-1s",
+            "1d",
+            "1us",
+            "1h-30m",
+            "1e3s",
+            "١s",
+        ] {
+            let result = parse_duration("strategy.interval", text, INTERVAL_RANGE);
+            let err = result.expect_err(text);
+            assert_eq!(err.field, "strategy.interval", "{text}");
+            assert!(err.problem.contains("from 1s to 24h"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn each_duration_field_keeps_its_range() {
+        type SetField = fn(&mut ChatReleaseSpec, &str);
+        let cases: [(&str, SetField); 5] = [
+            ("strategy.interval", |s, v| s.strategy.interval = v.into()),
+            ("analysis.window", |s, v| s.analysis.window = Some(v.into())),
+            ("strategy.drainTimeout", |s, v| {
+                s.strategy.drain_timeout = v.into()
+            }),
+            ("strategy.progressDeadline", |s, v| {
+                s.strategy.progress_deadline = v.into()
+            }),
+            ("analysis.latencyP99.max", |s, v| {
+                s.analysis.latency_p99 = Some(crate::crd::LatencyBound { max: v.into() })
+            }),
+        ];
+        for (field, set) in cases {
+            for too_far in ["25h", "100000000h"] {
+                let mut s = spec();
+                set(&mut s, too_far);
+                let err = Settings::from_spec(&s).unwrap_err();
+                assert_eq!(err.field, field, "{too_far}");
+            }
+        }
+        let mut s = spec();
+        s.strategy.progress_deadline = "0s".into();
+        let err = Settings::from_spec(&s).unwrap_err();
+        assert_eq!(err.field, "strategy.progressDeadline");
+        assert!(err.problem.contains("from 30s to 24h"), "{err}");
+        let mut s = spec();
+        s.strategy.interval = "0s".into();
         assert_eq!(
-            parse_duration("f", "1h30m").unwrap(),
-            Duration::from_secs(5400)
+            Settings::from_spec(&s).unwrap_err().field,
+            "strategy.interval"
         );
+        let mut s = spec();
+        s.strategy.drain_timeout = "0s".into();
+        assert!(Settings::from_spec(&s).is_ok(), "no drain is a choice");
+    }
+
+    #[test]
+    fn counts_have_upper_bounds() {
+        let mut s = spec();
+        s.analysis.min_requests = i64::MAX;
         assert_eq!(
-            parse_duration("f", "250ms").unwrap(),
-            Duration::from_millis(250)
+            Settings::from_spec(&s).unwrap_err().field,
+            "analysis.minRequests"
         );
+        let mut s = spec();
+        s.analysis.failure_limit = i32::MAX;
         assert_eq!(
-            parse_duration("f", "1.5s").unwrap(),
-            Duration::from_millis(1500)
+            Settings::from_spec(&s).unwrap_err().field,
+            "analysis.failureLimit"
         );
+        let mut s = spec();
+        s.replicas = i32::MAX;
+        assert_eq!(Settings::from_spec(&s).unwrap_err().field, "replicas");
     }
 
     #[test]
