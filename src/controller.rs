@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 /// How long to wait before retrying a reconcile that failed.
 pub const ERROR_REQUEUE: Duration = Duration::from_secs(10);
@@ -159,6 +159,11 @@ pub async fn reconcile(release: Arc<ChatRelease>, ctx: Arc<Context>) -> Result<A
         .catch_unwind()
         .await;
     let result = match caught {
+        Ok(Err(error)) if error.is_namespace_terminating() => {
+            // Everything it owns goes with the namespace: stand aside instead of retrying.
+            debug!(chatrelease = %release.name_any(), %error, "namespace is being deleted; standing aside");
+            Ok((Action::await_change(), None))
+        }
         Ok(result) => result,
         Err(panic) => Err(
             fail_after_panic(&release, &ctx, panic_message(panic.as_ref()))
@@ -204,6 +209,10 @@ async fn reconcile_inner(
         return Ok((Action::await_change(), None));
     };
     let release = &fresh;
+    if release.metadata.deletion_timestamp.is_some() {
+        // Being deleted: garbage collection removes what it owns; any write now would only race it.
+        return Ok((Action::await_change(), None));
+    }
     // Until the Deployment cache has its first full list, "no Deployment" would be a guess.
     if tokio::time::timeout(CACHE_SYNC_TIMEOUT, ctx.deployments.wait_until_ready())
         .await

@@ -65,6 +65,22 @@ impl Error {
         }
     }
 
+    /// The namespace is being deleted: nothing new may be created in it, and everything the
+    /// ChatRelease owns goes with it. Not a failure to retry or warn about.
+    pub fn is_namespace_terminating(&self) -> bool {
+        let Error::Kube { source, .. } = self else {
+            return false;
+        };
+        let kube::Error::Api(status) = source.as_ref() else {
+            return false;
+        };
+        let cause = status
+            .details
+            .as_ref()
+            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"));
+        status.code == 403 && (cause || status.message.contains("because it is being terminated"))
+    }
+
     /// The API server refused the object as invalid (HTTP 422): the user's spec is at fault.
     pub fn is_invalid_object(&self) -> bool {
         matches!(self, Error::Kube { source, .. } if matches!(source.as_ref(), kube::Error::Api(s) if s.code == 422))

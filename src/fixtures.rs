@@ -17,7 +17,7 @@ use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use kube::{Client, Resource};
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const NAMESPACE: &str = "chat";
@@ -164,6 +164,9 @@ impl Call {
 pub struct ApiServer {
     pub calls: Arc<Mutex<Vec<Call>>>,
     pub release: Arc<Mutex<ChatRelease>>,
+    /// Set: the namespace is being deleted, and writes of new content are refused as Kubernetes
+    /// refuses them (403, cause NamespaceTerminating).
+    pub namespace_terminating: Arc<AtomicBool>,
 }
 
 impl ApiServer {
@@ -234,15 +237,21 @@ pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
     let server = ApiServer {
         calls: Arc::default(),
         release: Arc::new(Mutex::new(release.clone())),
+        namespace_terminating: Arc::default(),
     };
     let calls = server.calls.clone();
     let stored = server.release.clone();
+    let terminating = server.namespace_terminating.clone();
     let client = client_answered_by(NAMESPACE, move |method, uri, body| {
         calls.lock().expect("calls lock").push(Call {
             method: method.to_string(),
             uri: uri.to_string(),
             body: body.clone(),
         });
+        if terminating.load(Ordering::SeqCst) && method != "GET" && !uri.contains("/chatreleases/")
+        {
+            return (403, namespace_terminating_status(uri));
+        }
         (200, answer(uri, body, &stored))
     });
     (client, server)
@@ -276,6 +285,17 @@ pub fn client_answered_by(
         }
     });
     Client::new(service, default_namespace)
+}
+
+/// Kubernetes's answer to a create in a namespace being deleted.
+fn namespace_terminating_status(uri: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+        "reason": "Forbidden",
+        "message": format!("{uri} is forbidden: unable to create new content in namespace {NAMESPACE} because it is being terminated"),
+        "details": {"causes": [{"reason": "NamespaceTerminating",
+            "message": format!("namespace {NAMESPACE} is being terminated"), "field": "metadata.namespace"}]}
+    })
 }
 
 /// What Kubernetes would send back: the applied object (with the metadata it keeps), a Scale for

@@ -551,3 +551,31 @@ async fn a_panic_while_reconciling_marks_that_release_failed_instead_of_ending_t
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
     assert_eq!(ready.map(|c| c.status.as_str()), Some("False"));
 }
+
+#[tokio::test]
+async fn a_release_being_deleted_is_left_to_garbage_collection() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let mut at_25 = v2.clone().with_status(canary_status(&v1, &v2, 1, t0()));
+    at_25.metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t0()));
+    let mut h = Harness::new(&at_25, t0() + minutes(1));
+    // The stable Deployment is already gone, as garbage collection leaves it mid-deletion.
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    h.reconcile().await;
+    assert!(h.server.writes().is_empty(), "{:?}", h.server.writes());
+    assert!(h.server.events().is_empty());
+}
+
+#[tokio::test]
+async fn a_namespace_being_deleted_is_stood_aside_from_not_retried() {
+    let v1 = ChatRelease::test("v1");
+    let h = Harness::new(&v1.clone().with_status(settled_status(&v1)), t0());
+    h.server.namespace_terminating.store(true, Ordering::SeqCst);
+    let action = h.reconcile().await;
+    assert_eq!(action, kube::runtime::controller::Action::await_change());
+    assert!(
+        h.server.status_writes().is_empty(),
+        "no Failed status for a namespace on its way out"
+    );
+}

@@ -260,6 +260,8 @@ struct Draft<'a> {
     plan: Plan,
     notices: Vec<Notice>,
     consumed: Vec<Command>,
+    /// Commands removed unused, with an Event saying so.
+    ignored: Vec<Command>,
     requeue_after: Duration,
 }
 
@@ -291,6 +293,7 @@ impl<'a> Draft<'a> {
             action: Action::None,
             notices: Vec::new(),
             consumed: Vec::new(),
+            ignored: Vec::new(),
             requeue_after: RESYNC,
         }
     }
@@ -317,12 +320,19 @@ impl<'a> Draft<'a> {
         }
     }
 
-    /// A one-shot command that does not apply now is removed with an Event saying why.
+    /// The promote annotation is set and was not ignored earlier in this decision.
+    fn promote_requested(&self) -> bool {
+        self.world.commands.promote && !self.ignored.contains(&Command::Promote)
+    }
+
+    /// A one-shot command that does not apply now is removed with an Event saying why. Ignored
+    /// means ignored: it cannot pass a gate later in the same decision.
     fn ignore(&mut self, command: Command, why: &str) {
         if self.world.commands.has(command)
             && command.is_one_shot()
             && !self.consumed.contains(&command)
         {
+            self.ignored.push(command);
             self.consume(command);
             self.notice(
                 "AnnotationIgnored",
@@ -525,8 +535,14 @@ impl<'a> Draft<'a> {
         if self.next.canary_revision.as_deref() != Some(desired.as_str()) {
             return self.template_changed_mid_flight();
         }
-        self.plan.canary = TrackPlan::ApplyTemplate {
-            replicas: self.settings.replicas,
+        self.plan.canary = if self.still_draining() {
+            // A superseded canary's pods serve their last streams until the drain ends, whatever
+            // else this decision does (pause included).
+            TrackPlan::Keep
+        } else {
+            TrackPlan::ApplyTemplate {
+                replicas: self.settings.replicas,
+            }
         };
         self.plan.canary_weight = self.next.canary_weight;
         self.plan.canary_routes = self.next.current_step.is_some();
@@ -556,7 +572,7 @@ impl<'a> Draft<'a> {
             self.next.pause_reason,
             Some(PauseReason::ManualGate | PauseReason::Inconclusive)
         );
-        if waiting_for_person && self.world.commands.promote {
+        if waiting_for_person && self.promote_requested() {
             self.consume(Command::Promote);
             let from = self.settings.weight_at(Some(step));
             let reason = format!("promoted by annotation past the wait at {from}%");
@@ -671,11 +687,11 @@ impl<'a> Draft<'a> {
             // first weight: previewing it before any user gets it is what such a gate is for.
             self.plan.canary_routes = true;
             let first = self.settings.steps[0];
-            if self.settings.is_gated(first) && !self.world.commands.promote {
+            if self.settings.is_gated(first) && !self.promote_requested() {
                 return self
                     .wait_at_gate(first, format!("canary pods {}", self.canary_ready_text()));
             }
-            if self.world.commands.promote {
+            if self.promote_requested() {
                 self.consume(Command::Promote);
             }
             self.plan.canary_routes = true;
@@ -821,9 +837,10 @@ impl<'a> Draft<'a> {
             return self.promote(reason);
         }
         let next_weight = self.settings.weight_at(Some(step + 1));
-        let passing_gate = self.consumed.contains(&Command::Promote);
+        let passing_gate =
+            self.consumed.contains(&Command::Promote) && !self.ignored.contains(&Command::Promote);
         if self.settings.is_gated(next_weight) && !passing_gate {
-            if self.world.commands.promote {
+            if self.promote_requested() {
                 self.consume(Command::Promote);
             } else {
                 return self.wait_at_gate(next_weight, reason);
@@ -1250,6 +1267,44 @@ mod tests {
         let d = case.decide(None, t(1));
         assert_eq!((d.status.phase, d.plan.canary_weight), (Phase::Stable, 0));
         assert!(reasons(&d).contains(&"CanaryWithdrawn"));
+    }
+
+    #[test]
+    fn an_ignored_promote_does_not_pass_the_gate_the_same_analysis_reaches() {
+        // At 25% with a gate before 50%: the promote annotation arrives while no gate waits.
+        let mut case = canary_at(1);
+        case.settings.manual_gates = vec![50];
+        case.world.commands.promote = true;
+        let d = case.decide(Some(&healthy()), t(1));
+        assert!(reasons(&d).contains(&"AnnotationIgnored"));
+        assert_eq!(d.consumed, vec![Command::Promote]);
+        assert_eq!(
+            (d.action, d.status.phase, d.plan.canary_weight),
+            (Action::Wait, Phase::Paused, 25),
+            "{}",
+            d.status.message
+        );
+        assert_eq!(d.status.pause_reason, Some(PauseReason::ManualGate));
+    }
+
+    #[test]
+    fn pausing_a_superseded_canary_never_shortens_its_drain() {
+        let mut case = canary_at(1);
+        case.world.desired_revision = "v3".into();
+        let d = case.decide(None, t(1));
+        assert_eq!(d.action, Action::AwaitCanary, "v2 drains before v3 starts");
+        case.status = d.status;
+        case.world.commands.pause = true;
+        for minute in [2, 3, 5] {
+            let d = case.decide(None, t(minute));
+            assert_eq!(d.action, Action::Wait, "minute {minute}");
+            assert_eq!(
+                d.plan.canary,
+                TrackPlan::Keep,
+                "minute {minute}: the draining v2 pods keep running"
+            );
+            case.status = d.status;
+        }
     }
 
     #[test]
