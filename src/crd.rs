@@ -453,6 +453,11 @@ pub struct ChatReleaseStatus {
     /// inconclusive): past progressDeadline it rolls back or pauses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inconclusive_since: Option<Time>,
+    /// When the canary's pods stopped being all Ready while it held a step: its weight is
+    /// withdrawn until they are, and it rolls back when they are not Ready again within
+    /// progressDeadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_unready_since: Option<Time>,
     /// When traffic last left the canary; its pods scale to 0 a drainTimeout later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub draining_since: Option<Time>,

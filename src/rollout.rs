@@ -151,6 +151,8 @@ pub fn analysis_due(
     let in_flight = matches!(status.phase, Phase::Progressing | Phase::Paused);
     in_flight
         && status.current_step.is_some()
+        // Its weight is withdrawn: the window holds no traffic to judge.
+        && status.canary_unready_since.is_none()
         && !commands.pause
         && !commands.rollback
         && next_analysis_at(settings, status).is_some_and(|due| now >= due)
@@ -515,6 +517,7 @@ impl<'a> Draft<'a> {
         n.pause_reason = None;
         n.step_started_at = None;
         n.draining_since = None;
+        n.canary_unready_since = None;
         n.canary_started_at = Some(Time(self.now));
         n.message = format!(
             "started canary revision {desired} ({}); waiting for its {} pods to be Ready",
@@ -551,6 +554,14 @@ impl<'a> Draft<'a> {
             self.consume(Command::Rollback);
             self.notice("RollbackRequested", "rollback requested by annotation");
             return self.rollback("rolled back by the chatrelease.io/rollback annotation".into());
+        }
+        if let Some(step) = self.next.current_step {
+            if !self.canary_ready() {
+                return self.canary_lost_readiness(step);
+            }
+            if self.next.canary_unready_since.is_some() {
+                self.canary_ready_again(step);
+            }
         }
         if self.world.commands.pause {
             return self.pause_by_annotation();
@@ -592,6 +603,61 @@ impl<'a> Draft<'a> {
         }
     }
 
+    /// The canary held a step and its pods are no longer all Ready: Istio would answer its share
+    /// of users 503. Its weight and routes leave at once; it rolls back if the pods are not Ready
+    /// again within progressDeadline (unless a person paused the rollout: then it only waits).
+    fn canary_lost_readiness(&mut self, step: i32) {
+        let newly = self.next.canary_unready_since.is_none();
+        let since = self
+            .next
+            .canary_unready_since
+            .as_ref()
+            .map_or(self.now, |t| t.0);
+        self.next.canary_unready_since = Some(Time(since));
+        let deadline = later(since, self.settings.progress_deadline);
+        if self.now >= deadline && !self.world.commands.pause {
+            let reason = format!(
+                "canary pods not Ready again within progressDeadline {} ({})",
+                humantime::format_duration(self.settings.progress_deadline),
+                self.canary_ready_text()
+            );
+            return self.rollback(reason);
+        }
+        let weight = self.settings.weight_at(Some(step));
+        self.next.canary_weight = 0;
+        self.plan.canary_weight = 0;
+        self.plan.canary_routes = false;
+        self.next.message = format!(
+            "canary weight {weight}% withdrawn: canary pods are {}; it returns when they are all Ready, or rolls back at {deadline}",
+            self.canary_ready_text()
+        );
+        if newly {
+            self.warn("CanaryNotReady", self.next.message.clone());
+        }
+        self.action = Action::Hold;
+        self.requeue_after = POLL_PODS.min(until(self.now, Some(deadline)));
+    }
+
+    /// The canary's pods are all Ready again: its step's weight returns, and the step starts over
+    /// so the next analysis judges a full interval with traffic.
+    fn canary_ready_again(&mut self, step: i32) {
+        let weight = self.settings.weight_at(Some(step));
+        self.next.canary_unready_since = None;
+        self.next.canary_weight = weight;
+        self.next.step_started_at = Some(Time(self.now));
+        self.plan.canary_weight = weight;
+        self.plan.canary_routes = true;
+        self.next.message = format!(
+            "canary weight 0% → {weight}%: canary pods are all Ready again; the step starts over"
+        );
+        self.notice("CanaryReady", self.next.message.clone());
+        self.action = Action::Advance {
+            from: 0,
+            to: weight,
+        };
+        self.requeue_after = self.settings.interval;
+    }
+
     fn template_changed_mid_flight(&mut self) {
         let desired = self.world.desired_revision.clone();
         let old = Self::revision_short(self.next.canary_revision.as_deref()).to_string();
@@ -629,6 +695,7 @@ impl<'a> Draft<'a> {
     /// Traffic leaves the canary in this one write; its pods start draining.
     fn withdraw_traffic(&mut self) {
         self.next.canary_weight = 0;
+        self.next.canary_unready_since = None;
         self.next.current_step = None;
         self.next.pause_reason = None;
         self.next.inconclusive_since = None;
@@ -1267,6 +1334,77 @@ mod tests {
         let d = case.decide(None, t(1));
         assert_eq!((d.status.phase, d.plan.canary_weight), (Phase::Stable, 0));
         assert!(reasons(&d).contains(&"CanaryWithdrawn"));
+    }
+
+    /// The canary of `canary_at` with `ready_pods` of its 2 pods Ready.
+    fn canary_pods_ready(case: &mut Case, ready_pods: i32) {
+        case.world.canary = Some(TrackState {
+            ready_replicas: ready_pods,
+            ..ready("v2")
+        });
+    }
+
+    #[test]
+    fn a_canary_whose_pods_stop_being_ready_loses_its_weight_until_they_are_back() {
+        let mut case = canary_at(1);
+        canary_pods_ready(&mut case, 0);
+        let d = case.decide(Some(&healthy()), t(1));
+        assert_eq!(d.action, Action::Hold);
+        assert_eq!((d.plan.canary_weight, d.plan.canary_routes), (0, false));
+        assert_eq!(
+            (d.status.canary_weight, d.status.current_step),
+            (0, Some(1)),
+            "the step is kept, its weight is not"
+        );
+        assert!(reasons(&d).contains(&"CanaryNotReady"), "{:?}", d.notices);
+        assert_eq!(
+            d.status.last_analysis, None,
+            "nothing judged without traffic"
+        );
+        case.status = d.status;
+        assert!(
+            !analysis_due(&case.settings, &case.status, &case.world.commands, t(3)),
+            "no analysis while the weight is withdrawn"
+        );
+
+        let d = case.decide(None, t(2));
+        assert!(
+            !reasons(&d).contains(&"CanaryNotReady"),
+            "one Event, not one per look"
+        );
+        case.status = d.status;
+
+        canary_pods_ready(&mut case, 2);
+        let d = case.decide(None, t(3));
+        assert_eq!(d.action, Action::Advance { from: 0, to: 25 });
+        assert_eq!((d.plan.canary_weight, d.plan.canary_routes), (25, true));
+        assert_eq!(
+            d.status.step_started_at,
+            Some(Time(t(3))),
+            "the step starts over"
+        );
+        assert_eq!(d.status.canary_unready_since, None);
+    }
+
+    #[test]
+    fn a_canary_not_ready_again_within_the_deadline_rolls_back() {
+        let mut case = canary_at(2);
+        canary_pods_ready(&mut case, 1);
+        let d = case.decide(None, t(1));
+        assert_eq!(d.plan.canary_weight, 0);
+        case.status = d.status;
+        let deadline = later(t(1), case.settings.progress_deadline);
+        let d = case.decide(None, deadline - SignedDuration::from_secs(1));
+        assert_eq!(d.action, Action::Hold);
+        case.status = d.status;
+        let d = case.decide(None, deadline);
+        assert_eq!(d.action, Action::Rollback);
+        assert_eq!(d.status.phase, Phase::RolledBack);
+        assert!(
+            d.status.message.contains("not Ready again"),
+            "{}",
+            d.status.message
+        );
     }
 
     #[test]
