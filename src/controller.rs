@@ -252,6 +252,7 @@ async fn reconcile_inner(
             &namespace,
             &name,
             &ctx.default_prometheus,
+            now,
         );
         Some(ctx.metrics.observe(&target).await)
     } else {
@@ -356,8 +357,10 @@ fn analysis_target(
     namespace: &str,
     name: &str,
     default_prometheus: &str,
+    now: Timestamp,
 ) -> AnalysisTarget {
     AnalysisTarget {
+        at: now,
         namespace: namespace.to_string(),
         canary_workload: Track::Canary.workload_name(name),
         stable_workload: Track::Stable.workload_name(name),

@@ -38,6 +38,9 @@ pub struct AnalysisTarget {
     pub custom: Vec<CustomCheck>,
     /// Base URL of the backend for this ChatRelease.
     pub address: String,
+    /// The instant the window ends, the decision's `now`: every query of one analysis is
+    /// evaluated at it, so the tracks and the checks are measured over the very same window.
+    pub at: jiff::Timestamp,
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -96,14 +96,29 @@ pub fn queries_per_analysis(custom: usize) -> usize {
     3 + 2 * custom
 }
 
+/// How far back a series must have no sample at all to count as born inside the window.
+/// Longer than any scrape gap or Prometheus restart we expect to ride out.
+pub const HISTORY: &str = "1h";
+
 /// How much each counter of `series` grew over `window`, a series born inside the window counted
-/// from zero. increase() only sees a rise between two samples, so a series whose first sample is
-/// already 2 adds nothing: when a canary starts, every series it has is new, and errors spread
-/// over ten codes (470-479) a few each were judged as no errors at all, passing a bad canary.
-/// A series present a window ago is taken by increase(); one that was not, by its whole value.
-fn growth(series: &str, window: &str) -> String {
+/// from zero.
+///
+/// increase() only sees a rise between two samples, so a series whose first sample is already 2
+/// adds nothing: when a canary starts, every series it has is new, and errors spread over ten
+/// codes (470-479) a few each were judged as no errors at all, passing a bad canary. So a series
+/// born inside the window counts with its whole value.
+///
+/// "Born inside" must mean it: no sample in the hour before the window. A failed scrape writes a
+/// stale marker, so `S offset w` alone came back empty for a series that existed all along (after
+/// a scrape gap, or a Prometheus restart), and its whole lifetime (days of stable traffic) was
+/// added. And when Prometheus has no history at all before the window (its data was lost), no
+/// series can be told to be new: `history` (the track's request series, whatever their code) must
+/// have been seen before the window, or new series count nothing and increase() alone speaks.
+fn growth(series: &str, history: &str, window: &str) -> String {
     format!(
-        "(increase({series}[{window}]) and {series} offset {window}) or ({series} unless {series} offset {window})"
+        "(increase({series}[{window}]) and present_over_time({series}[{HISTORY}] offset {window})) \
+         or (({series} unless present_over_time({series}[{HISTORY}] offset {window})) \
+         and on() group(present_over_time({history}[{HISTORY}] offset {window})))"
     )
 }
 
@@ -112,7 +127,7 @@ pub fn requests_query(target: &AnalysisTarget) -> String {
     let series = format!("istio_requests_total{{{}}}", selector(target));
     format!(
         "sum by (destination_workload) ({})",
-        growth(&series, &prometheus_duration(target.window))
+        growth(&series, &series, &prometheus_duration(target.window))
     )
 }
 
@@ -122,9 +137,10 @@ pub fn errors_query(target: &AnalysisTarget) -> String {
         "istio_requests_total{{{},response_code=~\"{ERROR_CODES}\"}}",
         selector(target)
     );
+    let history = format!("istio_requests_total{{{}}}", selector(target));
     format!(
         "sum by (destination_workload) ({})",
-        growth(&series, &prometheus_duration(target.window))
+        growth(&series, &history, &prometheus_duration(target.window))
     )
 }
 
@@ -137,7 +153,7 @@ pub fn latency_p99_query(target: &AnalysisTarget) -> String {
     );
     format!(
         "histogram_quantile(0.99, sum by (destination_workload, le) ({}))",
-        growth(&series, &prometheus_duration(target.window))
+        growth(&series, &series, &prometheus_duration(target.window))
     )
 }
 
@@ -209,7 +225,9 @@ impl PrometheusSource {
     pub async fn is_online(&self, address: &str) -> Result<(), QueryError> {
         let address = normalise(address);
         let client = self.client(address)?;
-        let data = self.run(&client, address, "vector(1)", "vector(1)").await?;
+        let data = self
+            .run(&client, address, "vector(1)", "vector(1)", None)
+            .await?;
         match single_value(&data) {
             Ok(Some(v)) if (v - 1.0).abs() < f64::EPSILON => Ok(()),
             _ => Err(QueryError::BadResponse {
@@ -250,11 +268,16 @@ impl PrometheusSource {
         address: &str,
         what: &str,
         promql: &str,
+        at: Option<i64>,
     ) -> Result<Data, QueryError> {
         let started = Instant::now();
         // Prometheus stops evaluating at its own timeout; ours also covers a hung connection.
         let millis = i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX);
-        let call = client.query(promql).timeout(millis).get();
+        let mut query = client.query(promql).timeout(millis);
+        if let Some(at) = at {
+            query = query.at(at);
+        }
+        let call = query.get();
         let outcome = match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(result)) => Ok(result.into_inner().0),
             Ok(Err(e)) => Err(classify(address, what, self.timeout, e)),
@@ -282,6 +305,7 @@ impl PrometheusSource {
     async fn sample(&self, target: &AnalysisTarget) -> Result<Observations, QueryError> {
         let address = normalise(&target.address);
         let client = &self.client(address)?;
+        let at = Some(target.at.as_second());
         let (requests_q, errors_q, latency_q) = (
             requests_query(target),
             errors_query(target),
@@ -303,7 +327,7 @@ impl PrometheusSource {
             .collect();
         let custom_runs = custom.iter().map(|(name, workload, promql)| async move {
             let what = format!("{name} ({workload})");
-            let data = self.run(client, address, &what, promql).await?;
+            let data = self.run(client, address, &what, promql, at).await?;
             let value = single_value(&data).map_err(|shape| QueryError::Shape {
                 address: address.into(),
                 what,
@@ -313,9 +337,9 @@ impl PrometheusSource {
         });
 
         let (requests, errors, latency, custom_values) = futures::try_join!(
-            self.run(client, address, "requests", &requests_q),
-            self.run(client, address, "errors", &errors_q),
-            self.run(client, address, "latency-p99", &latency_q),
+            self.run(client, address, "requests", &requests_q, at),
+            self.run(client, address, "errors", &errors_q, at),
+            self.run(client, address, "latency-p99", &latency_q, at),
             futures::future::try_join_all(custom_runs),
         )?;
         let requests = by_workload(address, "requests", requests)?;
@@ -486,6 +510,7 @@ mod tests {
             window: Duration::from_secs(60),
             custom: vec![],
             address: address.into(),
+            at: "2026-11-30T12:00:00Z".parse().expect("timestamp"),
         }
     }
 
@@ -666,6 +691,18 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn every_query_of_an_analysis_is_evaluated_at_the_decisions_instant() {
+        let prometheus = FakePrometheus::start(healthy).await;
+        let mut t = target(&prometheus.address);
+        t.custom = vec![check("ttft-p99", TTFT)];
+        sampled(PrometheusSource::default().observe(&t).await);
+        let times = prometheus.param("time");
+        assert_eq!(times.len(), queries_per_analysis(1), "{times:?}");
+        let want = t.at.as_second().to_string();
+        assert!(times.iter().all(|time| *time == want), "{times:?}");
+    }
+
     #[test]
     fn window_is_rendered_in_whole_seconds_never_shorter_than_asked() {
         assert_eq!(prometheus_duration(Duration::from_secs(60)), "60s");
@@ -680,7 +717,9 @@ mod tests {
         assert_eq!(
             requests_query(&target("http://p:9090")),
             format!(
-                "sum by (destination_workload) ((increase({S}[60s]) and {S} offset 60s) or ({S} unless {S} offset 60s))",
+                "sum by (destination_workload) ((increase({S}[60s]) and present_over_time({S}[1h] offset 60s)) \
+                 or (({S} unless present_over_time({S}[1h] offset 60s)) \
+                 and on() group(present_over_time({S}[1h] offset 60s))))",
                 S = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}"#
             )
         );
@@ -691,8 +730,13 @@ mod tests {
         assert_eq!(
             errors_query(&target("http://p:9090")),
             format!(
-                "sum by (destination_workload) ((increase({S}[60s]) and {S} offset 60s) or ({S} unless {S} offset 60s))",
-                S = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable",response_code=~"5..|47."}"#
+                "sum by (destination_workload) ((increase({S}[60s]) and present_over_time({S}[1h] offset 60s)) \
+                 or (({S} unless present_over_time({S}[1h] offset 60s)) \
+                 and on() group(present_over_time({H}[1h] offset 60s))))",
+                S = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable",response_code=~"5..|47."}"#,
+                // New error series count when the track's requests were seen before the window,
+                // whatever their code: a first error must not need an earlier one.
+                H = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}"#
             )
         );
     }
@@ -704,7 +748,9 @@ mod tests {
         assert_eq!(
             latency_p99_query(&t),
             format!(
-                "histogram_quantile(0.99, sum by (destination_workload, le) ((increase({S}[90s]) and {S} offset 90s) or ({S} unless {S} offset 90s)))",
+                "histogram_quantile(0.99, sum by (destination_workload, le) ((increase({S}[90s]) and present_over_time({S}[1h] offset 90s)) \
+                 or (({S} unless present_over_time({S}[1h] offset 90s)) \
+                 and on() group(present_over_time({S}[1h] offset 90s)))))",
                 S = r#"istio_request_duration_milliseconds_bucket{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}"#
             )
         );

@@ -20,6 +20,7 @@ async fn a_kube_client_and_a_prometheus_client_start_in_one_process() {
         window: Duration::from_secs(60),
         custom: vec![],
         address: "https://127.0.0.1:1".into(),
+        at: jiff::Timestamp::now(),
     };
     use chatrelease::metrics::{MetricsSource, Observations};
     let observed = source.observe(&target).await;

@@ -14,8 +14,9 @@ E2E_STATE   ?= $(CURDIR)/.local/e2e
 E2E_THREADS ?= 9
 E2E_TIMEOUT ?= 900
 E2E_FILTER  ?=
-# Every test binary whose #[ignore]d tests need a running control plane.
-E2E_TESTS   ?= --test e2e --test leader_election --test helm_chart
+# Every test binary whose #[ignore]d tests need a running control plane (or, for
+# prometheus_queries, the Prometheus it installs).
+E2E_TESTS   ?= --test e2e --test leader_election --test helm_chart --test prometheus_queries
 
 .PHONY: e2e e2e-build
 
