@@ -249,6 +249,7 @@ async fn reconcile_inner(
         let target = analysis_target(
             release,
             &settings,
+            &status,
             &namespace,
             &name,
             &ctx.default_prometheus,
@@ -354,6 +355,7 @@ fn deployment(
 fn analysis_target(
     release: &ChatRelease,
     settings: &Settings,
+    status: &ChatReleaseStatus,
     namespace: &str,
     name: &str,
     default_prometheus: &str,
@@ -364,7 +366,7 @@ fn analysis_target(
         namespace: namespace.to_string(),
         canary_workload: Track::Canary.workload_name(name),
         stable_workload: Track::Stable.workload_name(name),
-        window: settings.window,
+        window: rollout::analysis_window(settings, status, now),
         custom: settings.judge.custom.clone(),
         address: release
             .spec

@@ -158,6 +158,22 @@ pub fn analysis_due(
         && next_analysis_at(settings, status).is_some_and(|due| now >= due)
 }
 
+/// The window of an analysis now: the spec's, but never reaching back before the canary
+/// revision's pods were started. Every revision's pods are the same workload (`<name>-canary`),
+/// so with `window` longer than `interval` the first analyses of a new revision would count the
+/// requests of the one before it.
+pub fn analysis_window(
+    settings: &Settings,
+    status: &ChatReleaseStatus,
+    now: Timestamp,
+) -> Duration {
+    let Some(started) = status.canary_started_at.as_ref() else {
+        return settings.window;
+    };
+    let since_start = Duration::try_from(now.duration_since(started.0)).unwrap_or(Duration::ZERO);
+    settings.window.min(since_start.max(Duration::from_secs(1)))
+}
+
 /// An interval after the later of the step's start and the last analysis.
 fn next_analysis_at(settings: &Settings, status: &ChatReleaseStatus) -> Option<Timestamp> {
     let step = status.step_started_at.as_ref().map(|t| t.0);
@@ -661,7 +677,10 @@ impl<'a> Draft<'a> {
     fn template_changed_mid_flight(&mut self) {
         let desired = self.world.desired_revision.clone();
         let old = Self::revision_short(self.next.canary_revision.as_deref()).to_string();
-        let had_traffic = self.next.current_step.is_some() || self.before.canary_weight > 0;
+        // Testers reach a canary waiting at a first-step gate: they are traffic too.
+        let testers_on_it = self.next.pause_reason == Some(PauseReason::ManualGate);
+        let had_traffic =
+            self.next.current_step.is_some() || self.before.canary_weight > 0 || testers_on_it;
         if self.next.stable_revision.as_deref() == Some(desired.as_str()) {
             self.withdraw_traffic();
             self.next.phase = Phase::Stable;
@@ -1405,6 +1424,41 @@ mod tests {
             "{}",
             d.status.message
         );
+    }
+
+    #[test]
+    fn a_new_revisions_window_never_reaches_back_into_the_one_before() {
+        let mut case = canary_at(0);
+        case.settings.window = Duration::from_secs(600);
+        case.status.canary_started_at = Some(Time(t(0)));
+        assert_eq!(
+            analysis_window(&case.settings, &case.status, t(2)),
+            Duration::from_secs(120),
+            "two minutes of this revision, not ten with the last one's"
+        );
+        assert_eq!(
+            analysis_window(&case.settings, &case.status, t(30)),
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
+    fn a_canary_superseded_at_a_first_step_gate_drains_its_testers() {
+        let mut case = canary_at(0);
+        case.status.current_step = None;
+        case.status.canary_weight = 0;
+        case.status.phase = Phase::Paused;
+        case.status.pause_reason = Some(PauseReason::ManualGate);
+        case.world.desired_revision = "v3".into();
+        let d = case.decide(None, t(1));
+        assert_eq!(d.status.draining_since, Some(Time(t(1))));
+        assert_eq!(
+            d.plan.canary,
+            TrackPlan::Keep,
+            "v2's testers finish their chats"
+        );
+        assert!(!d.plan.canary_routes);
+        assert_eq!(d.action, Action::AwaitCanary);
     }
 
     #[test]
