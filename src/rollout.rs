@@ -1024,11 +1024,23 @@ impl<'a> Draft<'a> {
                 replicas: self.settings.replicas,
             }
         };
-        self.plan.canary = TrackPlan::Keep;
-        self.plan.canary_weight = self.next.canary_weight;
-        self.plan.canary_routes = true;
-        self.plan.stable_routes = false;
+        // The canary serves every user now: a Deployment deleted or scaled by hand is put back
+        // (when the spec still holds its template; otherwise there is nothing to put back).
+        self.plan.canary = if template_is_canary {
+            TrackPlan::ApplyTemplate {
+                replicas: self.settings.replicas,
+            }
+        } else {
+            TrackPlan::Keep
+        };
         let stable = self.world.stable.clone().unwrap_or_default();
+        let full_weight = self.settings.weight_at(self.next.current_step);
+        // Until it is back, users go to stable's Ready pods, old or new, rather than get 503s.
+        let canary_down = !self.canary_ready() && stable.ready_replicas >= self.settings.replicas;
+        self.next.canary_weight = if canary_down { 0 } else { full_weight };
+        self.plan.canary_weight = self.next.canary_weight;
+        self.plan.canary_routes = !canary_down;
+        self.plan.stable_routes = false;
         if stable.serves(&revision, self.settings.replicas) {
             self.plan.stable_routes = true;
             let image = self.next.canary_image.clone().unwrap_or_default();
@@ -1057,10 +1069,17 @@ impl<'a> Draft<'a> {
             } else {
                 (0, stable.total_replicas)
             };
-            self.next.message = format!(
-                "promoting revision {revision}: stable has {new_pods}/{} pods of it and {old_pods} old ones left; traffic stays on the canary until all {} are Ready",
-                self.settings.replicas, self.settings.replicas
-            );
+            self.next.message = if canary_down {
+                format!(
+                    "promoting revision {revision}: canary pods are {}, so traffic is on stable's Ready pods ({new_pods} of the new revision, {old_pods} old) until they are back",
+                    self.canary_ready_text()
+                )
+            } else {
+                format!(
+                    "promoting revision {revision}: stable has {new_pods}/{} pods of it and {old_pods} old ones left; traffic stays on the canary until all {} are Ready",
+                    self.settings.replicas, self.settings.replicas
+                )
+            };
             self.requeue_after = POLL_PODS;
         }
     }
@@ -1459,6 +1478,34 @@ mod tests {
         );
         assert!(!d.plan.canary_routes);
         assert_eq!(d.action, Action::AwaitCanary);
+    }
+
+    #[test]
+    fn a_canary_lost_while_promoting_is_put_back_and_users_go_to_stables_ready_pods() {
+        let mut case = canary_at(3);
+        case.status.phase = Phase::Promoting;
+        // Stable rolls to v2: one new pod, two old ones, all Ready.
+        case.world.stable = Some(TrackState {
+            revision: Some("v2".into()),
+            total_replicas: 3,
+            updated_replicas: 1,
+            ready_replicas: 3,
+            ..ready("v2")
+        });
+        case.world.canary = None;
+        let d = case.decide(None, t(1));
+        assert_eq!(d.plan.canary, TrackPlan::ApplyTemplate { replicas: 2 });
+        assert_eq!((d.plan.canary_weight, d.status.canary_weight), (0, 0));
+        assert_eq!(d.status.phase, Phase::Promoting);
+        case.status = d.status;
+
+        case.world.canary = Some(ready("v2"));
+        let d = case.decide(None, t(2));
+        assert_eq!(
+            (d.plan.canary_weight, d.status.canary_weight),
+            (100, 100),
+            "back on the canary until stable is whole"
+        );
     }
 
     #[test]
