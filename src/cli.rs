@@ -90,7 +90,7 @@ pub enum CliCommand {
     },
     /// Run the rollout on observations from a scenario file, with no cluster; one JSON line per tick.
     Simulate {
-        /// The scenario, in the format of docs and ../shared/scenarios.
+        /// The scenario, in the format of the README and tests/scenarios.
         scenario: PathBuf,
     },
 }

@@ -22,12 +22,12 @@ fn run(command: &mut Command) -> (Output, String, String) {
 }
 
 fn healthy_promote() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/scenarios/healthy-promote.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/healthy-promote.json")
 }
 
 /// The healthy scenario with one change, written where only this test looks.
 fn altered_scenario(file: &str, change: impl FnOnce(&mut Value)) -> PathBuf {
-    let text = std::fs::read_to_string(healthy_promote()).expect("shared scenario");
+    let text = std::fs::read_to_string(healthy_promote()).expect("the repository's scenario");
     let mut scenario: Value = serde_json::from_str(&text).expect("scenario is JSON");
     change(&mut scenario);
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(file);

@@ -1,68 +1,143 @@
-//! Every scenario in ../shared/scenarios runs through `simulate`'s code path and must match the
-//! actions (and weights, where given) its `expect` lists.
+//! The judge's specification as scenario files: every `tests/scenarios/*.json` runs through
+//! `simulate`'s code path and must give the actions (and weights, where given) its `expect` lists.
+//!
+//! The project's own copies live in `tests/scenarios`. Scenarios shared from outside the
+//! repository (`../shared/scenarios` beside a developer's checkout, or any folder named in
+//! `CHATRELEASE_SCENARIOS`) run too when they exist, so a file added there is checked at once;
+//! a clone with neither runs its own.
 
 use chatrelease::simulate;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-fn scenario_dir() -> PathBuf {
-    std::env::var_os("CHATRELEASE_SCENARIOS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/scenarios"))
+fn own_scenarios() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios")
 }
 
-#[test]
-fn every_shared_scenario_gives_the_expected_actions() {
-    let dir = scenario_dir();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
+/// Folders of scenarios from outside the repository that exist on this machine.
+fn outside_scenarios() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(dir) = std::env::var_os("CHATRELEASE_SCENARIOS") {
+        // Named on purpose: a missing folder is an error, not a silent skip.
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.is_dir(),
+            "CHATRELEASE_SCENARIOS={} is no folder",
+            dir.display()
+        );
+        dirs.push(dir);
+    }
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/scenarios");
+    if shared.is_dir() {
+        dirs.push(shared);
+    }
+    dirs
+}
+
+fn scenario_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .map(|e| e.expect("directory entry").path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no scenarios in {}", dir.display());
+    files
+}
 
-    let mut mismatches = Vec::new();
-    for file in &files {
-        let name = file.file_name().unwrap().to_string_lossy().to_string();
-        let text = std::fs::read_to_string(file).expect("readable scenario");
-        let scenario = simulate::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let outcomes = simulate::run(&scenario).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let expect = scenario
-            .expect
-            .as_ref()
-            .and_then(|e| e.as_array())
-            .unwrap_or_else(|| panic!("{name}: no expect"));
-        assert_eq!(
-            expect.len(),
-            outcomes.len(),
-            "{name}: one expectation per tick"
-        );
-        for (outcome, want) in outcomes.iter().zip(expect) {
-            let actions: Vec<&str> = want["actions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|a| a.as_str().unwrap())
-                .collect();
-            let weight_ok = want
-                .get("weight")
-                .and_then(|w| w.as_i64())
-                .is_none_or(|w| w == outcome.weight as i64);
-            if !actions.contains(&outcome.action) || !weight_ok {
-                mismatches.push(format!(
-                    "{name} tick {}: got {} at {}% ({}), want {:?} {}",
-                    outcome.tick,
-                    outcome.action,
-                    outcome.weight,
-                    outcome.reason,
-                    actions,
-                    want.get("weight")
-                        .map(|w| format!("at {w}%"))
-                        .unwrap_or_default()
-                ));
-            }
+/// Each tick of `file` whose action or weight is not one its `expect` allows, as a line.
+fn mismatches(file: &Path) -> Vec<String> {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).expect("readable scenario");
+    let scenario = simulate::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let outcomes = simulate::run(&scenario).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let expect = scenario
+        .expect
+        .as_ref()
+        .and_then(|e| e.as_array())
+        .unwrap_or_else(|| panic!("{name}: no expect"));
+    assert_eq!(
+        expect.len(),
+        outcomes.len(),
+        "{name}: one expectation per tick"
+    );
+    let mut out = Vec::new();
+    for (outcome, want) in outcomes.iter().zip(expect) {
+        let actions: Vec<&str> = want["actions"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: an expect entry without actions"))
+            .iter()
+            .map(|a| a.as_str().unwrap_or_default())
+            .collect();
+        let weight_ok = want
+            .get("weight")
+            .and_then(|w| w.as_i64())
+            .is_none_or(|w| w == outcome.weight as i64);
+        if !actions.contains(&outcome.action) || !weight_ok {
+            out.push(format!(
+                "{name} tick {}: got {} at {}% ({}), want {:?} {}",
+                outcome.tick,
+                outcome.action,
+                outcome.weight,
+                outcome.reason,
+                actions,
+                want.get("weight")
+                    .map(|w| format!("at {w}%"))
+                    .unwrap_or_default()
+            ));
         }
     }
-    assert!(mismatches.is_empty(), "\n{}", mismatches.join("\n"));
+    out
+}
+
+#[test]
+fn every_scenario_of_the_repository_gives_the_expected_actions() {
+    let files = scenario_files(&own_scenarios());
+    assert!(
+        files.len() >= 5,
+        "tests/scenarios lost its files: {files:?}"
+    );
+    let wrong: Vec<String> = files.iter().flat_map(|f| mismatches(f)).collect();
+    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
     eprintln!("{} scenarios matched their expectations", files.len());
+}
+
+#[test]
+fn every_scenario_shared_from_outside_gives_the_expected_actions() {
+    let dirs = outside_scenarios();
+    if dirs.is_empty() {
+        eprintln!("no ../shared/scenarios and no CHATRELEASE_SCENARIOS: only the repository's ran");
+        return;
+    }
+    let mut wrong = Vec::new();
+    for dir in &dirs {
+        let files = scenario_files(dir);
+        assert!(!files.is_empty(), "no scenarios in {}", dir.display());
+        wrong.extend(files.iter().flat_map(|f| mismatches(f)));
+        eprintln!("{}: {} scenarios", dir.display(), files.len());
+    }
+    assert!(wrong.is_empty(), "\n{}", wrong.join("\n"));
+}
+
+/// A scenario that exists outside under the same name as one of ours must be the same file, or
+/// our copy is stale: the outside one is the newer word on what the judge should do.
+#[test]
+fn the_repositorys_copies_match_the_shared_scenarios_of_the_same_name() {
+    for dir in outside_scenarios() {
+        for theirs in scenario_files(&dir) {
+            let ours = own_scenarios().join(theirs.file_name().expect("a file name"));
+            if !ours.exists() {
+                continue;
+            }
+            let parse = |p: &Path| -> serde_json::Value {
+                serde_json::from_str(&std::fs::read_to_string(p).expect("readable"))
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            };
+            assert_eq!(
+                parse(&ours),
+                parse(&theirs),
+                "{} differs from {}: copy the shared one into tests/scenarios",
+                ours.display(),
+                theirs.display()
+            );
+        }
+    }
 }
