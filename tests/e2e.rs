@@ -680,3 +680,143 @@ async fn i_prometheus_down_mid_rollout_holds_and_the_rollout_goes_on_when_it_is_
     )
     .await;
 }
+
+// ----- (j), (k): checks beyond the error rate ---------------------------------------------------
+
+/// The time-to-first-token check of the design's example: the chat app's own histogram.
+const TTFT_QUERY: &str = r#"histogram_quantile(0.99, sum by (le) (rate(chat_time_to_first_token_seconds_bucket{namespace="{{namespace}}", workload="{{workload}}"}[{{window}}])))"#;
+
+/// `bad` breaches the check `check` that `good` keeps: it is rolled back at 5%, and the last
+/// analysis names that check as the one that failed, with the canary's and stable's values.
+async fn a_canary_failing_a_check_is_rolled_back(
+    t: &TestEnv,
+    good: Release,
+    bad: Release,
+    check: &str,
+) {
+    stable_at(t, &good).await;
+    let timeline = t.timeline();
+    t.apply(&bad).await;
+    let rolled_back = t
+        .wait_phase(Phase::RolledBack, Duration::from_secs(120))
+        .await;
+    assert_eq!(t.split().await, Some(Split::ALL_STABLE));
+    caught_up(t, &timeline).await;
+    assert_eq!(
+        timeline.canary_weights(),
+        [0, 5, 0],
+        "the bad canary must never get past 5%:\n{}",
+        timeline.describe()
+    );
+    let analysis = rolled_back
+        .status
+        .clone()
+        .unwrap_or_default()
+        .last_analysis
+        .expect("a last analysis");
+    assert_eq!(analysis.verdict, Verdict::Fail, "{}", summary(&rolled_back));
+    let failed: Vec<&str> = analysis
+        .checks
+        .iter()
+        .filter(|c| c.verdict == Verdict::Fail)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(failed, [check], "{analysis:?}");
+    let record = analysis
+        .checks
+        .iter()
+        .find(|c| c.name == check)
+        .expect("the check");
+    let (canary, stable) = (
+        record.canary.expect("a canary value"),
+        record.stable.expect("a stable value"),
+    );
+    assert!(
+        canary > 1.2 * stable,
+        "the canary ({canary}) is the worse one, stable {stable}: {record:?}"
+    );
+    report(&format!(
+        "{}: {check} canary {canary}{} stable {stable}{} bound {}",
+        t.test, record.unit, record.unit, record.bound
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn j_a_canary_breaching_p99_latency_is_rolled_back() {
+    run("p99-latency", Needs::Operator, LIMIT, async |t| {
+        let good = Release::version("v1").latency_p99("1s");
+        let slow = Release::version("v2")
+            .latency_p99("1s")
+            .env("SIM_LATENCY_MS", "2500");
+        a_canary_failing_a_check_is_rolled_back(t, good, slow, "latency-p99").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn k_a_canary_breaching_a_custom_time_to_first_token_check_is_rolled_back() {
+    run("custom-ttft", Needs::Operator, LIMIT, async |t| {
+        let good = Release::version("v1").metric("ttft-p99", TTFT_QUERY, 1.5);
+        let slow = Release::version("v2")
+            .metric("ttft-p99", TTFT_QUERY, 1.5)
+            .env("SIM_TTFT_SECONDS", "4");
+        a_canary_failing_a_check_is_rolled_back(t, good, slow, "ttft-p99").await;
+    })
+    .await;
+}
+
+// ----- (l): canary pods that stop being Ready ---------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn l_a_canary_whose_pods_stop_being_ready_loses_its_weight_until_they_are_back() {
+    run("canary-unready", Needs::Operator, LONG_LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&Release::version("v2")).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+
+        t.set_pods_ready("canary", false).await;
+        let withdrawn_in = t.wait_split(Split::ALL_STABLE, ONE_RECONCILE * 2).await;
+        let release = t.release().await;
+        assert_eq!(
+            (phase(&release), weight(&release)),
+            (Some(Phase::Progressing), 0),
+            "{}",
+            summary(&release)
+        );
+        assert!(has_event(&t.events().await, "CanaryNotReady"));
+        report(&format!(
+            "{}: weight withdrawn {:.1}s after the canary pods stopped being Ready",
+            t.test,
+            withdrawn_in.as_secs_f64()
+        ));
+        // No traffic, no analysis, and no rollback before progressDeadline.
+        t.holds("weight 0 and Progressing", INTERVAL * 2, |r| {
+            weight(r) == 0 && phase(r) == Some(Phase::Progressing)
+        })
+        .await;
+
+        t.set_pods_ready("canary", true).await;
+        t.wait_split(
+            Split {
+                stable: 95,
+                canary: 5,
+            },
+            ONE_RECONCILE * 2,
+        )
+        .await;
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+        caught_up(t, &timeline).await;
+        assert_eq!(
+            timeline.canary_weights(),
+            [0, 5, 0, 5, 25, 50, 100, 0],
+            "{}",
+            timeline.describe()
+        );
+    })
+    .await;
+}

@@ -12,7 +12,7 @@ use chatrelease::crd::{AnalysisRecord, ChatRelease, Phase};
 use chatrelease::istio::{PRIMARY_ROUTE, VirtualService};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -327,6 +327,10 @@ pub struct Release {
     pub manual_gates: Vec<i32>,
     pub failure_limit: Option<i32>,
     pub prometheus: Option<String>,
+    /// `spec.analysis.latencyP99.max`.
+    pub latency_p99: Option<String>,
+    /// `spec.analysis.metrics`.
+    pub metrics: Vec<Value>,
 }
 
 impl Release {
@@ -338,7 +342,22 @@ impl Release {
             manual_gates: Vec::new(),
             failure_limit: None,
             prometheus: None,
+            latency_p99: None,
+            metrics: Vec::new(),
         }
+    }
+
+    /// `spec.analysis.latencyP99.max`, such as `1s`.
+    pub fn latency_p99(mut self, max: &str) -> Release {
+        self.latency_p99 = Some(max.into());
+        self
+    }
+
+    /// One more `spec.analysis.metrics` entry with an upper bound.
+    pub fn metric(mut self, name: &str, query: &str, max: f64) -> Release {
+        self.metrics
+            .push(json!({"name": name, "query": query, "max": max}));
+        self
     }
 
     /// Sets an environment variable of the container (the simulator reads `SIM_*`).
@@ -382,6 +401,12 @@ impl Release {
         }
         if let Some(address) = &self.prometheus {
             analysis["prometheus"] = json!({"address": address});
+        }
+        if let Some(max) = &self.latency_p99 {
+            analysis["latencyP99"] = json!({"max": max});
+        }
+        if !self.metrics.is_empty() {
+            analysis["metrics"] = json!(self.metrics);
         }
         json!({
             "apiVersion": "chatrelease.io/v1alpha1",
@@ -1055,6 +1080,32 @@ impl TestEnv {
             )
             .await
             .unwrap_or_else(|e| panic!("deleting the provider outage ConfigMap: {e}"));
+    }
+
+    /// Sets the Ready condition of every pod of `track`, as a failing readiness probe (or its
+    /// recovery) would. kwok leaves a running pod's conditions alone once it has set them.
+    pub async fn set_pods_ready(&self, track: &str, ready: bool) {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace);
+        let selector = format!("{}={track}", chatrelease::annotations::LABEL_TRACK);
+        let list = pods
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .unwrap_or_else(|e| panic!("listing {track} pods: {e}"));
+        assert!(!list.items.is_empty(), "no {track} pods");
+        let state = if ready { "True" } else { "False" };
+        let patch = json!({"status": {"conditions": [
+            {"type": "Ready", "status": state},
+            {"type": "ContainersReady", "status": state},
+        ]}});
+        for pod in list.items {
+            pods.patch_status(
+                &pod.name_any(),
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("setting pod {} Ready={state}: {e}", pod.name_any()));
+        }
     }
 
     /// Runs the built `kubectl-chatrelease` against this namespace; its exit status and output.
