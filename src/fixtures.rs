@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::client::Body;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use kube::{Client, Resource};
+use kube::Client;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -450,10 +450,10 @@ pub fn field_manager(call: &Call) -> Option<String> {
 
 pub fn owner_is_release(object: &Value) -> bool {
     let owner = &object["metadata"]["ownerReferences"][0];
-    owner["kind"] == "ChatRelease"
+    owner["apiVersion"] == "chatrelease.io/v1alpha1"
+        && owner["kind"] == "ChatRelease"
         && owner["name"] == NAME
         && owner["controller"] == true
-        && ChatRelease::kind(&()) == "ChatRelease"
 }
 
 pub const OPERATOR: &str = MANAGER;

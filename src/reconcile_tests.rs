@@ -358,7 +358,14 @@ async fn one_analysis_per_interval_even_across_a_restart() {
 async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
     let v1 = ChatRelease::test("v1");
     let mut bad = ChatRelease::test("v2");
-    bad.spec.strategy.steps = vec![50, 25, 100];
+    // The CRD admits it (a well-formed, unique name); only the operator knows the name is taken
+    // by a built-in check.
+    bad.spec.analysis.metrics = vec![crate::crd::CustomMetric {
+        name: "latency-p99".into(),
+        query: "vector(1)".into(),
+        max: Some(1.0),
+        min: None,
+    }];
     let mut h = Harness::new(&v1.clone().with_status(settled_status(&v1)), t0());
     h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
     h.user_applies(&bad);
@@ -367,7 +374,7 @@ async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
     let status = last_status(&h);
     assert_eq!(status.phase, Phase::Failed);
     assert!(
-        status.message.contains("spec.strategy.steps"),
+        status.message.contains("spec.analysis.metrics[0].name"),
         "{}",
         status.message
     );
@@ -392,8 +399,8 @@ async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
         "nothing but status is written: {writes:?}"
     );
     assert_eq!(
-        h.stored().spec.strategy.steps,
-        vec![50, 25, 100],
+        h.stored().spec.analysis.metrics[0].name,
+        "latency-p99",
         "the user's spec is left as written"
     );
     let _ = LABEL_REVISION;
