@@ -504,7 +504,7 @@ async fn f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote() {
 async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field() {
     run("invalid-specs", Needs::Namespace, LIMIT, async |t| {
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit, &str, &str); 4] = [
+        let cases: [(&str, Edit, &str, &str); 20] = [
             (
                 "steps not ascending",
                 |m| m["spec"]["strategy"]["steps"] = json!([25, 5, 100]),
@@ -518,6 +518,18 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
                 "from 1 to 100",
             ),
             (
+                "a last step under 100",
+                |m| m["spec"]["strategy"]["steps"] = json!([5, 50]),
+                "spec.strategy.steps",
+                "must be 100",
+            ),
+            (
+                "a gate that is no step",
+                |m| m["spec"]["strategy"]["manualGates"] = json!([75]),
+                "spec.strategy",
+                "must be one of strategy.steps",
+            ),
+            (
                 "no containers",
                 |m| m["spec"]["template"]["spec"]["containers"] = json!([]),
                 "spec.template",
@@ -528,6 +540,93 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
                 |m| m["spec"]["strategy"]["interval"] = json!("10 seconds"),
                 "spec.strategy.interval",
                 "must be a duration",
+            ),
+            (
+                "a duration that overflowed the parser",
+                |m| m["spec"]["strategy"]["interval"] = json!("99999999999999999999h"),
+                "spec.strategy.interval",
+                "must be a duration",
+            ),
+            (
+                "an interval over a day",
+                |m| m["spec"]["strategy"]["interval"] = json!("100000h"),
+                "spec.strategy.interval",
+                "from 1s to 24h",
+            ),
+            (
+                "an interval of 0s",
+                |m| m["spec"]["strategy"]["interval"] = json!("0s"),
+                "spec.strategy.interval",
+                "from 1s to 24h",
+            ),
+            (
+                "a progressDeadline of 0s",
+                |m| m["spec"]["strategy"]["progressDeadline"] = json!("0s"),
+                "spec.strategy.progressDeadline",
+                "from 30s to 24h",
+            ),
+            (
+                "a drainTimeout over a day",
+                |m| m["spec"]["strategy"]["drainTimeout"] = json!("25h"),
+                "spec.strategy.drainTimeout",
+                "from 0s to 24h",
+            ),
+            (
+                "a window over a day",
+                |m| m["spec"]["analysis"]["window"] = json!("1440m1s"),
+                "spec.analysis.window",
+                "from 1s to 24h",
+            ),
+            (
+                "a latency bound over an hour",
+                |m| m["spec"]["analysis"]["latencyP99"] = json!({"max": "2h"}),
+                "spec.analysis.latencyP99.max",
+                "from 1ms to 1h",
+            ),
+            (
+                "an error rate over 100%",
+                |m| m["spec"]["analysis"]["errorRate"]["max"] = json!("150%"),
+                "spec.analysis.errorRate.max",
+                "percentage from 0% to 100%",
+            ),
+            (
+                "no failures allowed",
+                |m| m["spec"]["analysis"]["failureLimit"] = json!(0),
+                "spec.analysis.failureLimit",
+                "",
+            ),
+            (
+                "a failureLimit out of reach",
+                |m| m["spec"]["analysis"]["failureLimit"] = json!(1000),
+                "spec.analysis.failureLimit",
+                "",
+            ),
+            (
+                "a minRequests out of reach",
+                |m| m["spec"]["analysis"]["minRequests"] = json!(10_000_000_000i64),
+                "spec.analysis.minRequests",
+                "",
+            ),
+            (
+                "a Prometheus address that is no URL",
+                |m| m["spec"]["analysis"]["prometheus"] = json!({"address": "prometheus:9090"}),
+                "spec.analysis.prometheus.address",
+                "must start with http",
+            ),
+            (
+                "a custom metric without a bound",
+                |m| {
+                    m["spec"]["analysis"]["metrics"] =
+                        json!([{"name": "ttft", "query": "vector(1)"}])
+                },
+                "spec.analysis.metrics[0]",
+                "needs max, min or both",
+            ),
+            (
+                "a sticky cookie name with a space",
+                |m| m["spec"]["traffic"] = json!({"stickyCookie": "chat version"}),
+                "spec.traffic.stickyCookie",
+                "cookie name",
             ),
         ];
         for (case, edit, field, says) in cases {
