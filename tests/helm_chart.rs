@@ -1389,7 +1389,40 @@ mod api_server {
             .filter(|e| e["regarding"]["kind"] == "ChatRelease")
             .filter_map(|e| e["reason"].as_str())
             .collect();
-        assert!(!reasons.is_empty(), "no Events recorded");
+        // The chart's RBAC lets the operator record each step of the rollback as an Event
+        // (create, and patch when a note repeats) and write the split it decided.
+        for reason in ["RollbackRequested", "RolledBack", "CanaryDrained"] {
+            assert!(
+                reasons.contains(&reason),
+                "no {reason} Event among {reasons:?}"
+            );
+        }
+        let virtual_service = get_json(&ns.0, "virtualservices.networking.istio.io/chat").unwrap();
+        let primary = virtual_service["spec"]["http"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == chatrelease::istio::PRIMARY_ROUTE)
+            .expect("the weighted route");
+        let weights: Vec<(String, i64)> = primary["route"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["destination"]["subset"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                    d["weight"].as_i64().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            weights,
+            [("stable".to_string(), 100), ("canary".to_string(), 0)],
+            "all traffic on stable after the rollback"
+        );
         assert_eq!(read_weight(), Some(0.0), "{weight} after the rollback");
 
         // Stopped as the kubelet stops a pod, the leader gives its Lease up for a standby.
