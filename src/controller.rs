@@ -264,7 +264,15 @@ async fn reconcile_inner(
         info!(action = ?decision.action, phase = %decision.status.phase, weight = decision.status.canary_weight, message = %decision.status.message, "decided");
     }
 
-    match apply_plan(ctx, release, &decision).await {
+    // Traffic leaving the canary moves first, before anything else can fail, and a rollback is
+    // recorded before it is carried out: a failed write below is then retried from RolledBack,
+    // which routes everything to stable, instead of re-judged from metrics that may say otherwise.
+    let rollback = decision.action == rollout::Action::Rollback;
+    let routes_first = rollback || decision.plan.canary_weight < status.canary_weight;
+    if rollback {
+        write_status(ctx, release, &status, &decision.status).await?;
+    }
+    match apply_plan(ctx, release, &decision, routes_first).await {
         Ok(()) => {}
         Err(error) if error.is_invalid_object() => {
             // The API server refused what the spec asks for: the user must change the spec.
@@ -272,7 +280,9 @@ async fn reconcile_inner(
         }
         Err(error) => return Err(error),
     }
-    write_status(ctx, release, &status, &decision.status).await?;
+    if !rollback {
+        write_status(ctx, release, &status, &decision.status).await?;
+    }
     remove_annotations(ctx, release, &decision.consumed).await?;
     for notice in &decision.notices {
         publish(ctx, release, notice.warning, notice.reason, &notice.note).await;
@@ -377,21 +387,27 @@ fn analysis_target(
     }
 }
 
-/// Service, routing, then Deployments. The traffic split is written before any Deployment
-/// changes: traffic only ever leaves a canary whose template is about to change, and only moves
-/// to pods the decision has seen Ready.
+/// Service, routing, then Deployments (routing before the Service when traffic leaves the
+/// canary). The traffic split is written before any Deployment changes: traffic only ever leaves a
+/// canary whose template is about to change, and only moves to pods the decision has seen Ready.
 async fn apply_plan(
     ctx: &Context,
     release: &ChatRelease,
     decision: &Decision,
+    routes_first: bool,
 ) -> Result<(), Error> {
     let namespace = release.namespace().unwrap_or_default();
+    let status = &decision.status;
+    let routes = routes_for(&decision.plan, status);
+    if routes_first {
+        ctx.router.set_routes(release, &routes).await?;
+    }
     let service = workload::service(release);
     apply(ctx, &namespace, &service).await?;
     ctx.router.reconcile(release).await?;
-    let status = &decision.status;
-    let routes = routes_for(&decision.plan, status);
-    ctx.router.set_routes(release, &routes).await?;
+    if !routes_first {
+        ctx.router.set_routes(release, &routes).await?;
+    }
     apply_track(ctx, release, Track::Stable, decision.plan.stable, status).await?;
     apply_track(ctx, release, Track::Canary, decision.plan.canary, status).await?;
     Ok(())

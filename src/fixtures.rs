@@ -12,10 +12,10 @@ use http::{Request, Response};
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
 use kube::client::Body;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use kube::Client;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -167,6 +167,8 @@ pub struct ApiServer {
     /// Set: the namespace is being deleted, and writes of new content are refused as Kubernetes
     /// refuses them (403, cause NamespaceTerminating).
     pub namespace_terminating: Arc<AtomicBool>,
+    /// Writes whose path contains this fail with 500, as an overloaded API server answers.
+    pub failing_writes: Arc<Mutex<Option<String>>>,
 }
 
 impl ApiServer {
@@ -238,10 +240,12 @@ pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
         calls: Arc::default(),
         release: Arc::new(Mutex::new(release.clone())),
         namespace_terminating: Arc::default(),
+        failing_writes: Arc::default(),
     };
     let calls = server.calls.clone();
     let stored = server.release.clone();
     let terminating = server.namespace_terminating.clone();
+    let failing = server.failing_writes.clone();
     let client = client_answered_by(NAMESPACE, move |method, uri, body| {
         calls.lock().expect("calls lock").push(Call {
             method: method.to_string(),
@@ -251,6 +255,14 @@ pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
         if terminating.load(Ordering::SeqCst) && method != "GET" && !uri.contains("/chatreleases/")
         {
             return (403, namespace_terminating_status(uri));
+        }
+        let fails = failing.lock().expect("failing lock");
+        if method != "GET" && fails.as_deref().is_some_and(|path| uri.contains(path)) {
+            return (
+                500,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500,
+                       "reason": "InternalError", "message": "etcdserver: request timed out"}),
+            );
         }
         (200, answer(uri, body, &stored))
     });

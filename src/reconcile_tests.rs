@@ -586,3 +586,40 @@ async fn a_namespace_being_deleted_is_stood_aside_from_not_retried() {
         "no Failed status for a namespace on its way out"
     );
 }
+
+#[tokio::test]
+async fn a_rollback_survives_a_failed_reconcile_and_moves_traffic_before_anything_else() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let at_25 = v2
+        .clone()
+        .annotated(ROLLBACK)
+        .with_status(canary_status(&v1, &v2, 1, t0()));
+    let mut h = Harness::new(&at_25, t0() + SignedDuration::from_secs(20));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    // The Service write fails: the API server is overloaded.
+    *h.server.failing_writes.lock().expect("lock") = Some("/services/".into());
+    h.server.clear();
+    let result = crate::controller::reconcile(std::sync::Arc::new(h.stored()), h.ctx.clone()).await;
+    assert!(result.is_err(), "the failed Service write is an error");
+    let writes = h.server.writes();
+    let first = writes.first().expect("a write");
+    assert!(
+        first.uri.contains("/chatreleases/lobe-chat/status"),
+        "the rollback is recorded first: {}",
+        first.uri
+    );
+    assert_eq!(last_status(&h).phase, Phase::RolledBack);
+    assert_eq!(
+        split(&h.server.virtual_service_writes()[0]),
+        (100, 0),
+        "traffic left the canary before the failing write"
+    );
+
+    // The next reconcile carries the rollback on from status, whatever the metrics say now.
+    *h.server.failing_writes.lock().expect("lock") = None;
+    h.reconcile().await;
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0));
+    assert_eq!(h.stored().status.expect("status").phase, Phase::RolledBack);
+}
