@@ -1509,6 +1509,34 @@ mod tests {
     }
 
     #[test]
+    fn a_spec_rejected_while_promoting_keeps_users_on_the_canary_and_promotes_again_once_fixed() {
+        let mut case = canary_at(3);
+        case.status.phase = Phase::Promoting;
+        let d = hold_rejected(&case.status, Some(2), "spec.x: broken", t(1));
+        assert_eq!(d.status.phase, Phase::Failed);
+        assert_eq!(
+            (
+                d.plan.canary_weight,
+                d.plan.canary_routes,
+                d.plan.stable_routes
+            ),
+            (100, true, false),
+            "everyone stays on the canary; no stable cookie route to a half-rolled stable"
+        );
+        assert_eq!(
+            (d.plan.stable, d.plan.canary),
+            (TrackPlan::Keep, TrackPlan::Keep)
+        );
+        case.status = d.status;
+
+        // Fixed: the canary is judged once more at 100%, then promoted again.
+        let d = case.decide(Some(&healthy()), t(2));
+        assert_eq!(d.action, Action::Promote);
+        assert_eq!(d.status.phase, Phase::Promoting);
+        assert_eq!(d.plan.canary_weight, 100);
+    }
+
+    #[test]
     fn an_ignored_promote_does_not_pass_the_gate_the_same_analysis_reaches() {
         // At 25% with a gate before 50%: the promote annotation arrives while no gate waits.
         let mut case = canary_at(1);
