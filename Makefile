@@ -12,20 +12,26 @@ include charts/chart.mk
 include tests/e2e/e2e.mk
 include tests/cluster/demo.mk
 
-.PHONY: all build test unit-test lint fmt crds
+.PHONY: all build test unit-test fresh-clone-test lint fmt crds
 
 all: build
 
 build:
 	$(CARGO) build --release --bins
 
-## Every test. The unit tests first: they are quick and need no tools.
-test: unit-test e2e
+## Every test. The unit tests first: they are quick and need no control plane.
+test: unit-test fresh-clone-test e2e
 
-## Judge, state machine, every ../shared/scenarios file, reconciler on a mocked API server,
-## CLI, chart checks that need no cluster.
-unit-test: $(HELM)
-	HELM='$(HELM)' $(CARGO) test --all-targets
+## Judge, state machine, every scenario in tests/scenarios (and ../shared/scenarios when it
+## exists), reconciler on a mocked API server, our routes against Istio's CRDs, CLI, chart checks
+## that need no cluster.
+unit-test: $(HELM) $(ISTIO_CRDS)
+	HELM='$(HELM)' ISTIO_CRDS='$(ISTIO_CRDS)' $(CARGO) test --all-targets
+
+## The unit tests again in a clone of HEAD in an empty folder: nothing may come from outside the
+## repository (no ../shared), and the README's set-up commands stay `make demo` and `make test`.
+fresh-clone-test: $(HELM) $(ISTIO_CRDS)
+	@TOOLS_DIR='$(TOOLS_DIR)' MAKE='$(MAKE)' bash tests/fresh_clone.sh
 
 lint:
 	$(CARGO) fmt --check

@@ -699,14 +699,18 @@ mod tests {
 
     // --- The serialized objects against Istio's real CRDs ---
 
-    /// The `openAPIV3Schema` of version v1 of the CRD named `crd_name`.
+    /// The `openAPIV3Schema` of version v1 of the CRD named `crd_name`, from the file of Istio's
+    /// CRDs that `make tools` cuts from the `istio.io/api` module (`make unit-test` names it in
+    /// `ISTIO_CRDS`, as it hands it to the local control plane).
     fn istio_schema(crd_name: &str) -> Value {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../shared/testdata/istio-networking-crds.yaml"
-        );
-        let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
-            panic!("{path}: {e} (the shared test data sits beside this repository)")
+        let path = std::env::var("ISTIO_CRDS").unwrap_or_else(|_| {
+            panic!(
+                "ISTIO_CRDS is not set: run `make unit-test`, which fetches Istio's CRDs by \
+                 version and names the file, or set ISTIO_CRDS to a file of Istio's CRDs"
+            )
+        });
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!("ISTIO_CRDS={path}: {e} (`make tools` writes it from the istio.io/api module)")
         });
         for doc in serde_yaml::Deserializer::from_str(&text) {
             let crd = Value::deserialize(doc).unwrap();

@@ -22,7 +22,8 @@ ours() {
 }
 
 # What up.sh starts, and the pid files other tools (operator, simulator, tests) put beside them.
-control_plane=(kwok kube-scheduler kube-controller-manager kube-apiserver prometheus)
+# istio-webhook with the API server, after the other tools: their last writes still validate.
+control_plane=(kwok kube-scheduler kube-controller-manager kube-apiserver prometheus istio-webhook)
 others=()
 if [ -d "$PIDS" ]; then
   for f in "$PIDS"/*.pid; do

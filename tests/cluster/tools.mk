@@ -18,6 +18,17 @@ TOOLS_DIR ?= $(HOME)/.cache/chatrelease-tools
 K8S_VERSION  ?= v1.36.3
 KWOK_VERSION ?= v0.8.0
 ETCD_VERSION ?= v3.6.16
+# Istio's networking CRDs (VirtualService, DestinationRule) as that Istio release publishes them in
+# the istio.io/api Go module (kubernetes/customresourcedefinitions.gen.yaml): the newest release on
+# the Go module proxy when this was written. The API server validates every route we write against
+# them, and the unit tests check our objects against the same file.
+ISTIO_VERSION ?= v1.32.0
+# Istio's validating webhook (tests/istio-webhook), so the API server refuses what istiod would.
+# istio.io/istio publishes only pseudo-versions: this is a release-1.31 commit of 2026-08-27
+# (VERSION file 1.31) whose go.mod requires istio.io/api at the v1.31.0 commit, the closest of the
+# served ones to ISTIO_VERSION (the others pair with api 1.30). tests/istio-webhook/go.mod must
+# require the same version.
+ISTIO_WEBHOOK_VERSION ?= v0.0.0-20260827124520-eed52ebb66ad
 
 KUBE_BIN_DIR             = $(TOOLS_DIR)/kubernetes/$(K8S_VERSION)/bin
 KUBE_APISERVER          ?= $(KUBE_BIN_DIR)/kube-apiserver
@@ -28,16 +39,24 @@ KWOK                    ?= $(TOOLS_DIR)/kwok/$(KWOK_VERSION)/bin/kwok
 KWOK_STAGES_DIR         ?= $(TOOLS_DIR)/go/mod/sigs.k8s.io/kwok@$(KWOK_VERSION)/kustomize/stage
 ETCD                    ?= $(TOOLS_DIR)/etcd/$(ETCD_VERSION)/bin/etcd
 PROMETHEUS_BIN          ?= /usr/bin/prometheus
+ISTIO_CRDS              ?= $(TOOLS_DIR)/istio/$(ISTIO_VERSION)/networking-crds.yaml
+# Keyed by a hash of the module's files as well, so a changed main.go is a new (missing) target.
+ISTIO_WEBHOOK_SRC       := $(CLUSTER_SCRIPTS_DIR)/../istio-webhook
+ISTIO_WEBHOOK_KEY       := $(shell cd '$(ISTIO_WEBHOOK_SRC)' && sha256sum go.mod go.sum main.go | sha256sum | cut -c1-12)
+ISTIO_WEBHOOK           ?= $(TOOLS_DIR)/istio-webhook/$(ISTIO_WEBHOOK_VERSION)-$(ISTIO_WEBHOOK_KEY)/bin/istio-webhook
 
 # Environment handed to tools.sh, up.sh and down.sh.
 CLUSTER_TOOLS_ENV = TOOLS_DIR='$(TOOLS_DIR)' K8S_VERSION='$(K8S_VERSION)' \
-  KWOK_VERSION='$(KWOK_VERSION)' ETCD_VERSION='$(ETCD_VERSION)' \
+  KWOK_VERSION='$(KWOK_VERSION)' ETCD_VERSION='$(ETCD_VERSION)' ISTIO_VERSION='$(ISTIO_VERSION)' \
   KUBE_APISERVER='$(KUBE_APISERVER)' KUBE_CONTROLLER_MANAGER='$(KUBE_CONTROLLER_MANAGER)' \
   KUBE_SCHEDULER='$(KUBE_SCHEDULER)' KUBECTL='$(KUBECTL)' KWOK='$(KWOK)' \
-  KWOK_STAGES_DIR='$(KWOK_STAGES_DIR)' ETCD='$(ETCD)' PROMETHEUS_BIN='$(PROMETHEUS_BIN)'
+  KWOK_STAGES_DIR='$(KWOK_STAGES_DIR)' ETCD='$(ETCD)' PROMETHEUS_BIN='$(PROMETHEUS_BIN)' \
+  ISTIO_CRDS='$(ISTIO_CRDS)' ISTIO_WEBHOOK_VERSION='$(ISTIO_WEBHOOK_VERSION)' \
+  ISTIO_WEBHOOK='$(ISTIO_WEBHOOK)'
 
 CLUSTER_TOOLS := $(KUBE_APISERVER) $(KUBE_CONTROLLER_MANAGER) $(KUBE_SCHEDULER) $(KUBECTL) \
-  $(KWOK) $(KWOK_STAGES_DIR)/pod/fast/pod-ready.yaml $(ETCD) $(PROMETHEUS_BIN)
+  $(KWOK) $(KWOK_STAGES_DIR)/pod/fast/pod-ready.yaml $(ETCD) $(PROMETHEUS_BIN) $(ISTIO_CRDS) \
+  $(ISTIO_WEBHOOK)
 
 .PHONY: tools tools-versions control-plane-up control-plane-down control-plane-smoke
 
@@ -61,6 +80,12 @@ $(ETCD):
 $(PROMETHEUS_BIN):
 	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh prometheus
 
+$(ISTIO_CRDS):
+	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh istio-crds
+
+$(ISTIO_WEBHOOK):
+	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh istio-webhook
+
 tools-versions: tools
 	@echo "TOOLS_DIR=$(TOOLS_DIR)"
 	@echo "kube-apiserver:          $$($(KUBE_APISERVER) --version)  $(KUBE_APISERVER)"
@@ -70,6 +95,8 @@ tools-versions: tools
 	@echo "kwok:                    $$($(KWOK) --version 2>&1 | head -1)  $(KWOK)"
 	@echo "etcd:                    $$($(ETCD) --version | head -1)  $(ETCD)"
 	@echo "prometheus:              $$($(PROMETHEUS_BIN) --version 2>&1 | head -1)  $(PROMETHEUS_BIN)"
+	@echo "istio CRDs:              istio.io/api@$(ISTIO_VERSION)  $(ISTIO_CRDS)"
+	@echo "istio-webhook:           istio.io/istio@$(ISTIO_WEBHOOK_VERSION)  $(ISTIO_WEBHOOK)"
 
 # Generic start/stop of the bare control plane; `make cluster` adds the operator on top.
 CLUSTER_STATE_DIR ?= $(CURDIR)/.local/cluster
@@ -79,6 +106,7 @@ control-plane-up: tools
 control-plane-down:
 	@bash $(CLUSTER_SCRIPTS_DIR)/down.sh '$(CLUSTER_STATE_DIR)'
 
-# Start a throw-away control plane, check Deployments/GC/VirtualService/Prometheus, stop it.
+# Start a throw-away control plane, check Deployments/GC/VirtualService/Istio's webhook/Prometheus,
+# stop it.
 control-plane-smoke: tools
 	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/smoke.sh

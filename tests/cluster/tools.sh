@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Installs the local control plane's tools into TOOLS_DIR, each only when missing.
-# Called by tools.mk; usable alone:  TOOLS_DIR=... tools.sh kubernetes|kwok|etcd|prometheus
-# Everything comes from package registries: the Go module proxy (Kubernetes, kwok, etcd) and
-# Debian (Prometheus). Binaries and the Go caches live in TOOLS_DIR, keyed by version, so a
+# Called by tools.mk; usable alone:
+#   TOOLS_DIR=... tools.sh kubernetes|kwok|etcd|prometheus|istio-crds|istio-webhook
+# Everything comes from package registries: the Go module proxy (Kubernetes, kwok, etcd, Istio's
+# CRDs and validating webhook) and Debian (Prometheus). Binaries and the Go caches live in TOOLS_DIR, keyed by version, so a
 # second machine state (or `git clean`) does not force a 20-minute rebuild.
 set -euo pipefail
 
 : "${K8S_VERSION:=v1.36.3}"
 : "${KWOK_VERSION:=v0.8.0}"
 : "${ETCD_VERSION:=v3.6.16}"
+: "${ISTIO_VERSION:=v1.32.0}"
+: "${ISTIO_CRDS:=$TOOLS_DIR/istio/$ISTIO_VERSION/networking-crds.yaml}"
+: "${ISTIO_WEBHOOK_VERSION:=v0.0.0-20260827124520-eed52ebb66ad}"
+ISTIO_WEBHOOK_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../istio-webhook" && pwd)
 # shellcheck source=go-env.sh
 . "$(dirname "${BASH_SOURCE[0]}")/go-env.sh"
 
@@ -170,6 +175,60 @@ EOF
 }
 
 # ---------------------------------------------------------------------------------------------
+# Istio's CRDs for the kinds the operator writes, cut from the one file istio.io/api ships with all
+# of Istio's CRDs. Only these two: the others would be API surface no test uses.
+ISTIO_KINDS=(destinationrules.networking.istio.io virtualservices.networking.istio.io)
+istio_crds() {
+  lock istio
+  [ -s "$ISTIO_CRDS" ] && return 0
+  local info dir all
+  info=$($GO mod download -json "istio.io/api@$ISTIO_VERSION") \
+    || die "cannot download istio.io/api@$ISTIO_VERSION from the Go module proxy"
+  dir=$(printf '%s' "$info" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+  all="$dir/kubernetes/customresourcedefinitions.gen.yaml"
+  [ -f "$all" ] || die "istio.io/api@$ISTIO_VERSION has no kubernetes/customresourcedefinitions.gen.yaml"
+  mkdir -p "$(dirname "$ISTIO_CRDS")"
+  local names
+  names=$(IFS=' '; echo "${ISTIO_KINDS[*]}")
+  # One YAML document per CRD, separated by `---`; keep the documents whose metadata.name is wanted.
+  awk -v names="$names" -v source="istio.io/api@$ISTIO_VERSION" '
+    BEGIN { n = split(names, want, " "); for (i = 1; i <= n; i++) wanted[want[i]] = 1
+            print "# " n " of Istio'"'"'s CRDs from " source " kubernetes/customresourcedefinitions.gen.yaml (tools.sh istio-crds)" }
+    function flush() { if (keep) { printf "---\n%s", doc; found++ } doc = ""; keep = 0 }
+    /^---[[:space:]]*$/ { flush(); next }
+    { doc = doc $0 "\n" }
+    /^  name: / { if ($2 in wanted) keep = 1 }
+    END { flush(); if (found != n) exit 1 }
+  ' "$all" >"$ISTIO_CRDS.new" || { rm -f "$ISTIO_CRDS.new"; die "not all of ${ISTIO_KINDS[*]} are in $all"; }
+  mv "$ISTIO_CRDS.new" "$ISTIO_CRDS"
+  log "Istio $ISTIO_VERSION CRDs (${ISTIO_KINDS[*]}) → $ISTIO_CRDS"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Istio's validating webhook (tests/istio-webhook, istio.io/istio at ISTIO_WEBHOOK_VERSION). The
+# folder is keyed by a hash of the module's files too, so editing main.go gives a new binary; the
+# same hash is computed by tools.mk and up.sh.
+istio_webhook_key() { (cd "$ISTIO_WEBHOOK_SRC" && sha256sum go.mod go.sum main.go | sha256sum | cut -c1-12); }
+build_istio_webhook() {
+  local bin
+  bin="$TOOLS_DIR/istio-webhook/$ISTIO_WEBHOOK_VERSION-$(istio_webhook_key)/bin"
+  lock istio-webhook
+  [ -x "$bin/istio-webhook" ] && return 0
+  # go.mod is what pins the version; refuse to build something other than what tools.mk says.
+  grep -E "^(require)?[[:space:]]*istio\.io/istio $ISTIO_WEBHOOK_VERSION\b" "$ISTIO_WEBHOOK_SRC/go.mod" >/dev/null \
+    || die "$ISTIO_WEBHOOK_SRC/go.mod does not require istio.io/istio $ISTIO_WEBHOOK_VERSION (ISTIO_WEBHOOK_VERSION):" \
+           "run 'go get istio.io/istio@$ISTIO_WEBHOOK_VERSION && go mod tidy' there"
+  log "building istio-webhook (istio.io/istio $ISTIO_WEBHOOK_VERSION; cold, ~5-10 min)…"
+  mkdir -p "$bin"
+  local t0=$SECONDS
+  # -mod=readonly: a go.sum that does not cover the build is an error, not a silent download.
+  (cd "$ISTIO_WEBHOOK_SRC" && $NICE $GO build -mod=readonly -p "$BUILD_JOBS" -trimpath \
+      -ldflags "-s -w" -o "$bin/istio-webhook.new" .) || die "go build of istio-webhook failed"
+  mv "$bin/istio-webhook.new" "$bin/istio-webhook"
+  log "built istio-webhook in $((SECONDS - t0))s → $bin"
+}
+
+# ---------------------------------------------------------------------------------------------
 # Prometheus from Debian. Its maintainer scripts start services on install: a policy-rc.d that
 # exits 101 forbids that, and anything started anyway is stopped and disabled.
 install_prometheus() {
@@ -210,5 +269,7 @@ case "${1:-}" in
   kwok-stages) kwok_stages ;;
   etcd) build_etcd ;;
   prometheus) install_prometheus ;;
-  *) die "usage: tools.sh kubernetes [BIN...]|kwok|kwok-stages|etcd|prometheus" ;;
+  istio-crds) istio_crds ;;
+  istio-webhook) build_istio_webhook ;;
+  *) die "usage: tools.sh kubernetes [BIN...]|kwok|kwok-stages|etcd|prometheus|istio-crds|istio-webhook" ;;
 esac

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # up.sh STATE_DIR — start a local Kubernetes control plane on 127.0.0.1 for the end-to-end tests
 # and the demo: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (one fake
-# Node that runs every Pod "Ready" without containers) and Prometheus. Ports are picked at run
+# Node that runs every Pod "Ready" without containers), Istio's validating webhook for
+# VirtualService/DestinationRule writes, and Prometheus. Ports are picked at run
 # time. Writes STATE_DIR/kubeconfig and STATE_DIR/env; logs go to STATE_DIR/logs/.
 # Stop with down.sh STATE_DIR. See README.md beside this file.
 set -euo pipefail
@@ -19,8 +20,9 @@ STATE_DIR=$(cd "$1" && pwd)
 : "${K8S_VERSION:=v1.36.3}"
 : "${KWOK_VERSION:=v0.8.0}"
 : "${ETCD_VERSION:=v3.6.16}"
-: "${SHARED_TESTDATA_DIR:=$REPO_ROOT/../shared/testdata}"
-: "${ISTIO_CRDS:=$SHARED_TESTDATA_DIR/istio-networking-crds.yaml}"
+: "${ISTIO_VERSION:=v1.32.0}"
+: "${ISTIO_CRDS:=$TOOLS_DIR/istio/$ISTIO_VERSION/networking-crds.yaml}"
+: "${ISTIO_WEBHOOK_VERSION:=v0.0.0-20260827124520-eed52ebb66ad}"
 : "${CRDS_DIR:=$REPO_ROOT/crds}"
 : "${UP_TIMEOUT:=90}"            # seconds, per component
 : "${NODE_NAME:=kwok-node-0}"
@@ -48,6 +50,9 @@ tool KUBECTL "$kbin/kubectl" kubectl
 tool KWOK "$TOOLS_DIR/kwok/$KWOK_VERSION/bin/kwok" kwok
 tool ETCD "$TOOLS_DIR/etcd/$ETCD_VERSION/bin/etcd" etcd
 tool PROMETHEUS_BIN /usr/bin/prometheus prometheus
+# Same folder as tools.sh istio-webhook: version plus a hash of tests/istio-webhook's files.
+iw_key=$(cd "$REPO_ROOT/tests/istio-webhook" 2>/dev/null && sha256sum go.mod go.sum main.go | sha256sum | cut -c1-12) || iw_key=missing
+tool ISTIO_WEBHOOK "$TOOLS_DIR/istio-webhook/$ISTIO_WEBHOOK_VERSION-$iw_key/bin/istio-webhook" istio-webhook
 : "${KWOK_STAGES_DIR:=$TOOLS_DIR/go/mod/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage}"
 KWOK_STAGES=(
   "$KWOK_STAGES_DIR/node/fast/node-initialize.yaml"
@@ -58,9 +63,13 @@ KWOK_STAGES=(
 for f in "${KWOK_STAGES[@]}"; do
   [ -f "$f" ] || { echo "up.sh: kwok stage file $f missing (KWOK_STAGES_DIR): run 'make tools'" >&2; exit 1; }
 done
-# Tidy paths for messages (../shared → the real folder) when they exist.
-[ -d "$SHARED_TESTDATA_DIR" ] && SHARED_TESTDATA_DIR=$(cd "$SHARED_TESTDATA_DIR" && pwd)
-[ -f "$ISTIO_CRDS" ] && ISTIO_CRDS=$(cd "$(dirname "$ISTIO_CRDS")" && pwd)/$(basename "$ISTIO_CRDS")
+# Without Istio's CRDs every VirtualService and DestinationRule write answers 404 and nothing
+# rolls out: refuse to start a control plane that cannot run the operator.
+[ -s "$ISTIO_CRDS" ] || {
+  echo "up.sh: Istio's CRDs missing: no file at $ISTIO_CRDS (ISTIO_CRDS). Run 'make tools'" \
+    "(tools.sh istio-crds cuts them from the istio.io/api@$ISTIO_VERSION Go module)" >&2
+  exit 1
+}
 for c in openssl curl ss setsid flock base64; do
   command -v "$c" >/dev/null 2>&1 || { echo "up.sh: '$c' is required" >&2; exit 1; }
 done
@@ -125,11 +134,12 @@ pick_port() { # VAR
   fail "no free port found"
 }
 pick_port ETCD_PORT; pick_port ETCD_PEER_PORT; pick_port API_PORT
-pick_port KCM_PORT; pick_port SCHED_PORT; pick_port PROM_PORT
-echo "$ETCD_PORT $ETCD_PEER_PORT $API_PORT $KCM_PORT $SCHED_PORT $PROM_PORT" >"$STATE_DIR/ports"
+pick_port KCM_PORT; pick_port SCHED_PORT; pick_port PROM_PORT; pick_port WEBHOOK_PORT
+echo "$ETCD_PORT $ETCD_PEER_PORT $API_PORT $KCM_PORT $SCHED_PORT $PROM_PORT $WEBHOOK_PORT" >"$STATE_DIR/ports"
 API_URL=https://127.0.0.1:$API_PORT
 PROM_URL=http://127.0.0.1:$PROM_PORT
 ETCD_URL=http://127.0.0.1:$ETCD_PORT
+WEBHOOK_URL=https://127.0.0.1:$WEBHOOK_PORT/validate
 
 # ---- start a process in its own session (so down.sh can kill its whole group) ---------------
 start() { # NAME CMD...
@@ -168,6 +178,13 @@ EOF
     -keyout "$PKI/apiserver.key" -out "$PKI/apiserver.csr"
   openssl x509 -req -in "$PKI/apiserver.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
     -CAcreateserial -days 3650 -extfile "$PKI/apiserver.ext" -out "$PKI/apiserver.crt"
+  # The API server calls the webhook at https://127.0.0.1:PORT and checks it against caBundle.
+  printf '%s\n' basicConstraints=CA:FALSE keyUsage=critical,digitalSignature \
+    extendedKeyUsage=serverAuth subjectAltName=IP:127.0.0.1 >"$PKI/istio-webhook.ext"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=istio-webhook" \
+    -keyout "$PKI/istio-webhook.key" -out "$PKI/istio-webhook.csr"
+  openssl x509 -req -in "$PKI/istio-webhook.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$PKI/istio-webhook.ext" -out "$PKI/istio-webhook.crt"
   openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/sa.key"
   openssl ec -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub"
 } >"$LOGS/openssl.log" 2>&1 || fail "openssl failed" openssl
@@ -245,6 +262,10 @@ start kube-apiserver "$KUBE_APISERVER" \
   --allow-privileged=true \
   --endpoint-reconciler-type=none \
   --profiling=false
+# Istio's validating webhook needs nothing from the API server: start it while that one comes up.
+say "starting istio-webhook ($WEBHOOK_URL)"
+start istio-webhook "$ISTIO_WEBHOOK" --listen="127.0.0.1:$WEBHOOK_PORT" \
+  --tls-cert-file="$PKI/istio-webhook.crt" --tls-private-key-file="$PKI/istio-webhook.key"
 wait_for kube-apiserver "ready /readyz" \
   curl -sf --max-time 3 --cacert "$PKI/ca.crt" -H "Authorization: Bearer $ADMIN_TOKEN" "$API_URL/readyz"
 
@@ -332,15 +353,41 @@ node_ready() {
   [ "$(kc get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]
 }
 
+# ---- Istio's validation: every VirtualService/DestinationRule write goes through the webhook ---
+# As istiod's validator: CREATE/UPDATE only, Fail when the webhook is down (a real cluster
+# refuses the write then too). Named validation.istio.io like istiod's, so refusals read the same.
+wait_for istio-webhook "ready /ready" curl -sf --max-time 2 --cacert "$PKI/ca.crt" \
+  "https://127.0.0.1:$WEBHOOK_PORT/ready"
+CURRENT=kube-apiserver
+kc apply -f - >"$LOGS/istio-webhook-config.log" 2>&1 <<EOF || fail "could not create the ValidatingWebhookConfiguration: $(cat "$LOGS/istio-webhook-config.log")"
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata:
+  name: istio-validation.chatrelease.local
+webhooks:
+- name: validation.istio.io
+  clientConfig:
+    url: $WEBHOOK_URL
+    caBundle: $CA_DATA
+  rules:
+  - apiGroups: [networking.istio.io]
+    apiVersions: [v1, v1beta1, v1alpha3]
+    resources: [virtualservices, destinationrules]
+    operations: [CREATE, UPDATE]
+    scope: Namespaced
+  failurePolicy: Fail
+  sideEffects: None
+  admissionReviewVersions: [v1]
+  timeoutSeconds: 5
+EOF
+
 # ---- CRDs: Istio's networking API, then the project's own --------------------------------------
 CURRENT=kube-apiserver
-crd_files=()
-if [ -f "$ISTIO_CRDS" ]; then crd_files+=("$ISTIO_CRDS")
-else say "warning: no Istio CRDs at $ISTIO_CRDS (set ISTIO_CRDS or SHARED_TESTDATA_DIR)"; fi
-if [ -d "$CRDS_DIR" ]; then
-  while IFS= read -r f; do crd_files+=("$f"); done \
-    < <(find "$CRDS_DIR" -maxdepth 1 -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
-fi
+crd_files=("$ISTIO_CRDS")
+[ -d "$CRDS_DIR" ] || fail "no folder $CRDS_DIR (CRDS_DIR) with the ChatRelease CRD"
+while IFS= read -r f; do crd_files+=("$f"); done \
+  < <(find "$CRDS_DIR" -maxdepth 1 -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
+[ ${#crd_files[@]} -gt 1 ] || fail "no CRD in $CRDS_DIR (CRDS_DIR): run 'make crds'"
 for f in "${crd_files[@]}"; do
   say "applying $f"
   kc apply --server-side --force-conflicts --field-manager=chatrelease-up -f "$f" \
@@ -352,13 +399,35 @@ crds_established() {
   s=$(kc get crd -o jsonpath='{range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Established")].status}{"\n"}{end}' 2>>"$LOGS/crds.log") || return 1
   ! printf '%s\n' "$s" | grep -v '=True$' | grep . >>"$LOGS/crds.log"
 }
-if [ ${#crd_files[@]} -gt 0 ]; then
-  deadline=$((SECONDS + UP_TIMEOUT))
-  until crds_established; do
-    [ $SECONDS -lt $deadline ] || fail "CRDs not Established after ${UP_TIMEOUT}s" crds
-    sleep 0.3
-  done
-fi
+deadline=$((SECONDS + UP_TIMEOUT))
+until crds_established; do
+  [ $SECONDS -lt $deadline ] || fail "CRDs not Established after ${UP_TIMEOUT}s" crds
+  sleep 0.3
+done
+
+# The API server picks up a new webhook configuration a moment later: wait until a server-side
+# dry run of a VirtualService Istio refuses (all weights 0) is denied by the webhook.
+say "waiting until the API server sends VirtualService writes to istio-webhook"
+webhook_enforced() {
+  ! kc create --dry-run=server -o name -f - >"$LOGS/istio-webhook-check.log" 2>&1 <<EOF &&
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: up-sh-webhook-check, namespace: default}
+spec:
+  hosts: [check.default.svc.cluster.local]
+  http:
+  - route:
+    - {destination: {host: check.default.svc.cluster.local, subset: a}, weight: 0}
+    - {destination: {host: check.default.svc.cluster.local, subset: b}, weight: 0}
+EOF
+    grep 'admission webhook "validation.istio.io" denied the request' "$LOGS/istio-webhook-check.log" >/dev/null
+}
+deadline=$((SECONDS + UP_TIMEOUT))
+until webhook_enforced; do
+  alive istio-webhook || fail "istio-webhook exited" istio-webhook
+  [ $SECONDS -lt $deadline ] || fail "the API server does not send VirtualServices to istio-webhook after ${UP_TIMEOUT}s: $(cat "$LOGS/istio-webhook-check.log")" istio-webhook
+  sleep 0.3
+done
 
 # ---- health of the rest ------------------------------------------------------------------------
 wait_for kube-controller-manager "healthy /healthz" \
@@ -385,12 +454,14 @@ export PROMETHEUS_TARGETS_FILE='$TARGETS_FILE'
 export PROMETHEUS_TARGETS_DIR='$STATE_DIR/prometheus-targets.d'
 export KUBECTL='$KUBECTL'
 export KWOK_NODE_NAME='$NODE_NAME'
+export ISTIO_WEBHOOK_URL='$WEBHOOK_URL'
 ETCD_PID=$(pid etcd)
 KUBE_APISERVER_PID=$(pid kube-apiserver)
 KUBE_CONTROLLER_MANAGER_PID=$(pid kube-controller-manager)
 KUBE_SCHEDULER_PID=$(pid kube-scheduler)
 KWOK_PID=$(pid kwok)
 PROMETHEUS_PID=$(pid prometheus)
+ISTIO_WEBHOOK_PID=$(pid istio-webhook)
 EOF
 
 trap - EXIT
