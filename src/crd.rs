@@ -111,8 +111,116 @@ fn default_service_port() -> i32 {
     80
 }
 
+// ---- Istio's own checks on the VirtualService fields below, as CEL rules ----
+//
+// Istio's validating webhook (`pkg/config/validation`) refuses a VirtualService these rules refuse,
+// so the ChatRelease is refused at apply instead of the operator's write failing later. What CEL
+// cannot say is checked by `traffic_rules.rs` before any write; it checks all of these again, for
+// objects admitted before a CRD upgrade and for `simulate` files.
+
+/// One DNS-1123 label as Istio's `labels.IsDNS1123Label` takes it: either case, at most 63.
+macro_rules! dns_label {
+    () => {
+        r"[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?"
+    };
+}
+
+/// Istio's `agent.ValidateWildcardDomain`: the first label may be `*` or start with `*` / `*-`
+/// (`labels.IsWildcardDNS1123Label`), the rest are DNS labels, a trailing dot is allowed and the
+/// last label may not be all digits (`ValidateDNS1123Labels`); or an IP address
+/// (`netutil.IsValidIPAddress`). The 255 limit (`CheckDNS1123Preconditions`) is the maxLength.
+const HOST_RULE: &str = concat!(
+    r"(self.matches('^(\\*|\\*[a-zA-Z0-9]([-a-zA-Z0-9]{0,60}[a-zA-Z0-9])?",
+    r"|\\*-[a-zA-Z0-9]([-a-zA-Z0-9]{0,59}[a-zA-Z0-9])?|",
+    dns_label!(),
+    r")(\\.",
+    dns_label!(),
+    r")*\\.?$') && !self.matches('\\.[0-9]+$')) || isIP(self)"
+);
+const HOST_MESSAGE: &str = "each of traffic.istio.hosts must be a host Istio takes: a DNS name \
+    (labels of letters, digits and '-', at most 63 each, the last not all digits), with a wildcard \
+    only at the start (\"*\" or \"*.example.com\"), or an IP address";
+
+/// Istio's `validateGatewayNames`: `namespace/name`, both DNS labels, or else a name that passes
+/// `agent.ValidateFQDN` (DNS labels, the last not all digits), such as `mesh`.
+const GATEWAY_RULE: &str = concat!(
+    "self.matches('^",
+    dns_label!(),
+    "/",
+    dns_label!(),
+    "$') || (self.matches('^",
+    dns_label!(),
+    r"(\\.",
+    dns_label!(),
+    r")*\\.?$') && !self.matches('(^|\\.)[0-9]+$'))"
+);
+const GATEWAY_MESSAGE: &str = "each of traffic.istio.gateways must be namespace/name (each a DNS \
+    label: letters, digits and '-', at most 63), a plain gateway name such as public, or mesh";
+
+/// A header name that Istio's `jwt.ToRoutingClaim` reads as a JWT claim:
+/// `@request.auth.claims.<claim>` or `@request.auth.claims[<claim>]`, prefix in any case.
+macro_rules! jwt_claim_regex {
+    () => {
+        r"'(?is)^@request\\.auth\\.claims(\\..+|\\[.+\\])$'"
+    };
+}
+
+/// Istio's `ValidateHTTPHeaderNameOrJwtClaimRoute`: `validHeaderNameRegex` (RFC 7230 token
+/// characters; its `+-.` is a range, so ',' is in too), the pseudo-headers of `pseudoHeaders`, or
+/// a JWT claim.
+macro_rules! header_name_ok {
+    () => {
+        concat!(
+            r"k.matches('^[!#$%&\'*+-.^_`|~A-Za-z0-9]+$')",
+            r" || k in [':method', ':scheme', ':authority', ':path', ':status'] || k.matches(",
+            jwt_claim_regex!(),
+            ")"
+        )
+    };
+}
+const HEADER_NAMES_RULE: &str = concat!("self.all(k, ", header_name_ok!(), ")");
+/// Names the first bad header name.
+const HEADER_NAMES_MESSAGE: &str = concat!(
+    r#"'header name "' + self.filter(k, !("#,
+    header_name_ok!(),
+    r#"))[0] + '" is not one Istio takes: an HTTP header name (letters, digits and "#,
+    r#"!#$%&\'*+-.^_`|~), a pseudo-header (:method, :scheme, :authority, :path, :status) or "#,
+    r#"@request.auth.claims.<claim>'"#
+);
+
+fn host_items(schema: &mut schemars::Schema) {
+    string_items(schema, 255, HOST_RULE, HOST_MESSAGE);
+}
+
+fn gateway_items(schema: &mut schemars::Schema) {
+    string_items(schema, 255, GATEWAY_RULE, GATEWAY_MESSAGE);
+}
+
+/// Items of a list of strings with a length limit and a rule, so an error names the item.
+fn string_items(schema: &mut schemars::Schema, max_length: u32, rule: &str, message: &str) {
+    let rule = kube::core::Rule::new(rule).message(message);
+    schema.insert(
+        "items".into(),
+        serde_json::json!({
+            "type": "string",
+            "maxLength": max_length,
+            "x-kubernetes-validations": [rule],
+        }),
+    );
+}
+
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+// Istio's ValidateVirtualService refuses JWT claim routing when the VirtualService is not bound
+// to gateways only ("JWT claim based routing ... is only supported for gateway").
+#[x_kube(validation = kube::core::Rule::new(concat!(
+        "(has(self.istio) && has(self.istio.gateways) && size(self.istio.gateways) > 0",
+        " && !('mesh' in self.istio.gateways)) || !has(self.canaryMatch)",
+        " || self.canaryMatch.all(m, !has(m.headers) || m.headers.all(k, !k.matches(",
+        jwt_claim_regex!(),
+        ")))"))
+    .message("a canaryMatch header @request.auth.claims.<claim> (JWT claim routing) needs \
+        traffic.istio.gateways without mesh: Istio routes on JWT claims only at gateways"))]
 pub struct Traffic {
     /// Istio settings for the VirtualService.
     #[serde(default)]
@@ -131,31 +239,64 @@ pub struct Traffic {
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+// Istio's ValidateVirtualService: "wildcard host * is not allowed for virtual services bound to
+// the mesh gateway".
+// A VirtualService is bound to gateways only when it lists some and not mesh (Istio's isGateway).
+#[x_kube(validation = kube::core::Rule::new(
+        "!(has(self.hosts) && '*' in self.hosts) \
+         || (has(self.gateways) && size(self.gateways) > 0 && !('mesh' in self.gateways))")
+    .message("traffic.istio.hosts may hold \"*\" only with traffic.istio.gateways that do not \
+        list mesh: Istio refuses the wildcard host * for the mesh"))]
 pub struct IstioTraffic {
     /// Hosts of the VirtualService. Default: the Service's in-cluster name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), transform = host_items)]
+    // Istio's ValidateVirtualService: "duplicate hosts in virtual service" (host.Name.Matches).
+    #[x_kube(validation = kube::core::Rule::new("self.all(a, self.exists_one(b, b == a))")
+        .message("traffic.istio.hosts must not list a host twice: Istio refuses duplicate hosts"))]
+    #[x_kube(validation = kube::core::Rule::new(
+            "self.all(a, self.all(b, a == b || !((a.startsWith('*') && b.endsWith(a.substring(1))) \
+             || (b.startsWith('*') && a.endsWith(b.substring(1))))))")
+        .message("traffic.istio.hosts must not overlap, as *.example.com and chat.example.com do: \
+            Istio refuses duplicate hosts"))]
     pub hosts: Vec<String>,
-    /// Gateways the VirtualService binds to (`namespace/name`). Default: the mesh only.
+    /// Gateways the VirtualService binds to (`namespace/name`, or `mesh`). Default: the mesh only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), transform = gateway_items)]
     pub gateways: Vec<String>,
 }
 
-/// A subset of Istio's HTTPMatchRequest: the parts a tester route needs.
+/// A subset of Istio's HTTPMatchRequest: the parts a tester route needs. Every condition must
+/// hold; an entry must have one that some request fails, or all users would reach the canary.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("has(self.headers) || has(self.uri) || has(self.queryParams)")
-    .message("a canaryMatch entry needs headers, uri or queryParams"))]
+// `has(self.headers)` alone holds for `headers: {}`, which matches every request.
+#[x_kube(validation = kube::core::Rule::new(
+        "(has(self.headers) && size(self.headers) > 0) || has(self.uri) \
+         || (has(self.queryParams) && size(self.queryParams) > 0)")
+    .message("a canaryMatch entry needs a condition in headers, uri or queryParams: one without \
+        matches every request, and all users would reach the canary"))]
+#[x_kube(validation = kube::core::Rule::new(
+        "!(has(self.uri) && has(self.uri.prefix) && self.uri.prefix == '/') \
+         || (has(self.headers) && size(self.headers) > 0) \
+         || (has(self.queryParams) && size(self.queryParams) > 0)")
+    .message("a canaryMatch entry with only uri prefix \"/\" matches every request: all users \
+        would reach the canary"))]
 pub struct HttpMatch {
     /// Header name to match (lower case, `cookie` for cookies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("maxProperties" = 16))]
+    #[x_kube(validation = kube::core::Rule::new(HEADER_NAMES_RULE)
+        .message(kube::core::Message::Expression(HEADER_NAMES_MESSAGE.into())))]
     pub headers: Option<BTreeMap<String, StringMatch>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<StringMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("maxProperties" = 16))]
+    // Istio does not check query parameter names; Envoy refuses an empty one
+    // (QueryParameterMatcher.name: min_len 1), and with it every route of the listener.
+    #[x_kube(validation = kube::core::Rule::new("self.all(k, size(k) > 0)")
+        .message("a queryParams name must not be empty"))]
     pub query_params: Option<BTreeMap<String, StringMatch>>,
 }
 
@@ -170,9 +311,26 @@ pub struct StringMatch {
     pub exact: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
+    // Istio's validateStringMatch: "prefix string match should not be empty" (headers,
+    // queryParams; on uri Istio takes it, and it matches every path).
+    #[x_kube(validation = kube::core::Rule::new("size(self) > 0")
+        .message("prefix must not be empty: Istio refuses an empty prefix (on uri it would match \
+            every request)"))]
     pub prefix: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
+    // Istio's validateStringMatchRegexp: "regex string match should not be empty".
+    #[x_kube(validation = kube::core::Rule::new("size(self) > 0")
+        .message("regex must not be empty: Istio refuses an empty regex"))]
+    // Istio's validateStringRegexp: "regex is too large, max length allowed is 1024" (bytes).
+    #[x_kube(validation = kube::core::Rule::new("size(bytes(self)) <= 1024")
+        .message("regex must be at most 1024 bytes long, Istio's limit"))]
+    // Istio's validateStringRegexp compiles it with Go's regexp (RE2 syntax), as CEL's matches()
+    // does: a pattern that does not compile makes this rule fail with Go's error and this message.
+    #[x_kube(validation = kube::core::Rule::new("!''.matches(self) || ''.matches(self)")
+        .message("regex must be RE2 syntax, the only kind Istio takes \
+            (https://github.com/google/re2/wiki/Syntax): no look-ahead (?=, look-behind (?<= or \
+            backreferences \\1"))]
     pub regex: Option<String>,
 }
 

@@ -10,6 +10,7 @@ use crate::crd::{ChatRelease, HttpMatch, StringMatch};
 use crate::error::Error;
 use crate::metrics::BoxFuture;
 use crate::router::{Routes, TrafficRouter};
+use crate::traffic_rules;
 use crate::workload::{self, Track};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{CustomResource, Resource, ResourceExt};
@@ -249,6 +250,10 @@ pub fn virtual_service(release: &ChatRelease, routes: &Routes) -> VirtualService
                 .canary_match
                 .iter()
                 .enumerate()
+                // Settings refuse such a spec before any write; should one get here anyway, a
+                // match that holds for every request (none at all, `headers: {}`, uri prefix "/")
+                // is left out rather than sending every user to the canary.
+                .filter(|(_, m)| traffic_rules::matches_every_request(m).is_none())
                 .map(|(i, m)| HttpRoute {
                     name: format!("canary-match-{i}"),
                     matches: vec![m.clone()],
@@ -543,6 +548,44 @@ mod tests {
             assert_eq!(split(tester), vec![("canary", 100)]);
             assert_eq!(set_cookie(&tester.route[0]), None);
         }
+    }
+
+    #[test]
+    fn a_canary_match_that_holds_for_every_request_never_becomes_a_route() {
+        // Settings refuse these; the VirtualService must not send everyone to the canary anyway.
+        let r = release_with(json!({
+            "canaryMatch": [
+                {"headers": {}},
+                {"headers": {"x-user-tier": {"exact": "premium"}}},
+                {},
+                {"queryParams": {}},
+                {"uri": {"prefix": "/"}},
+                {"uri": {"regex": ".*"}, "headers": {":method": {"regex": "[A-Z]+"}}}
+            ]
+        }));
+        let vs = virtual_service(&r, &routes(25, true));
+        assert_eq!(route_names(&vs), vec!["canary-match-1", PRIMARY_ROUTE]);
+        for route in &vs.spec.http {
+            if route
+                .route
+                .iter()
+                .any(|d| d.destination.subset == "canary" && d.weight == 100)
+            {
+                assert!(!route.matches.is_empty(), "{} has no match", route.name);
+                for m in &route.matches {
+                    assert_eq!(
+                        traffic_rules::matches_every_request(m),
+                        None,
+                        "{}",
+                        route.name
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            split(route(&vs, PRIMARY_ROUTE)),
+            vec![("stable", 75), ("canary", 25)]
+        );
     }
 
     #[test]

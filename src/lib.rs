@@ -25,4 +25,5 @@ pub mod router;
 pub mod settings;
 pub mod simulate;
 pub mod telemetry;
+pub mod traffic_rules;
 pub mod workload;

@@ -80,6 +80,8 @@ impl Settings {
                 "must list at least one container",
             ));
         }
+        // What Istio's validation would refuse in the VirtualService: refused before any write.
+        crate::traffic_rules::check(&spec.traffic)?;
 
         let strategy = &spec.strategy;
         let steps = strategy.steps.clone();

@@ -46,6 +46,21 @@ fn crd_states_the_rules_a_schema_can_check() {
         "must be a duration such as 30s",
         "template.spec.containers must list at least one container",
         "analysis.errorRate.max must be a percentage from 0% to 100%",
+        // Istio's own validation of the VirtualService, refused at apply (traffic_rules.rs).
+        "a canaryMatch entry needs a condition in headers, uri or queryParams",
+        "a canaryMatch entry with only uri prefix \"/\" matches every request",
+        "prefix must not be empty",
+        "regex must not be empty",
+        "regex must be at most 1024 bytes long",
+        "regex must be RE2 syntax, the only kind Istio takes",
+        "is not one Istio takes: an HTTP header name",
+        "a queryParams name must not be empty",
+        "(JWT claim routing) needs traffic.istio.gateways without mesh",
+        "traffic.istio.hosts may hold \"*\" only with traffic.istio.gateways",
+        "each of traffic.istio.hosts must be a host Istio takes",
+        "traffic.istio.hosts must not list a host twice",
+        "traffic.istio.hosts must not overlap",
+        "each of traffic.istio.gateways must be namespace/name",
     ] {
         assert!(yaml.contains(message), "the CRD lacks the rule: {message}");
     }
@@ -55,4 +70,42 @@ fn crd_states_the_rules_a_schema_can_check() {
     assert_eq!(analysis["failureLimit"]["minimum"].as_f64(), Some(1.0));
     assert_eq!(analysis["minRequests"]["minimum"].as_f64(), Some(1.0));
     assert_eq!(analysis["failureLimit"]["default"].as_i64(), Some(2));
+}
+
+/// `has(self.headers)` holds for `headers: {}`, which matches every request: the rule must count
+/// the entries. And a regex is compiled by the API server (CEL's matches() is Go's regexp, as
+/// Istio's check), not only measured.
+#[test]
+fn crd_refuses_a_canary_match_that_matches_everything_and_regexes_istio_refuses() {
+    let crd: serde_yaml::Value = serde_yaml::from_str(&committed()).expect("YAML");
+    let traffic = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["traffic"];
+    let entry = &traffic["properties"]["canaryMatch"]["items"];
+    let rules: Vec<&str> = entry["x-kubernetes-validations"]
+        .as_sequence()
+        .expect("canaryMatch entry rules")
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .collect();
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("size(self.headers) > 0")
+                && r.contains("size(self.queryParams) > 0")),
+        "{rules:?}"
+    );
+    let regex = &entry["properties"]["uri"]["properties"]["regex"]["x-kubernetes-validations"];
+    let regex_rules: Vec<&str> = regex
+        .as_sequence()
+        .expect("regex rules")
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .collect();
+    assert!(
+        regex_rules.iter().any(|r| r.contains("''.matches(self)")),
+        "{regex_rules:?}"
+    );
+    let hosts = &traffic["properties"]["istio"]["properties"]["hosts"]["items"];
+    assert_eq!(hosts["maxLength"].as_u64(), Some(255));
+    assert!(hosts["x-kubernetes-validations"].is_sequence());
 }
