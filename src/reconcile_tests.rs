@@ -505,7 +505,44 @@ fn the_deployment_cache_drops_only_what_the_decision_does_not_read() {
         crate::workload::track_state(&full)
     );
     assert!(cached.metadata.managed_fields.is_none());
+    assert_eq!(
+        crate::workload::live_fingerprint(&cached),
+        crate::workload::live_fingerprint(&full),
+        "hand edits of the pod spec stay visible"
+    );
     assert!(cached.spec.expect("spec").template.spec.is_none());
+}
+
+#[tokio::test]
+async fn a_pod_template_edited_by_hand_is_put_back() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let at_25 = v2.clone().with_status(canary_status(&v1, &v2, 1, t0()));
+    let mut h = Harness::new(&at_25, t0() + SignedDuration::from_secs(20));
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    // `kubectl set image deployment/lobe-chat-canary lobe-chat=evil:1`: the revision label stays.
+    let mut edited = deployment(&v2, Track::Canary, 2, 2);
+    let pod = edited
+        .spec
+        .as_mut()
+        .and_then(|s| s.template.spec.as_mut())
+        .expect("pod spec");
+    pod.containers[0].image = Some("evil:1".into());
+    crate::controller::keep_what_track_state_reads(&mut edited);
+    h.set_deployment(edited);
+
+    h.reconcile().await;
+    let applied = h.server.deployment_applies(Track::Canary);
+    assert_eq!(applied.len(), 1, "the canary's template is applied again");
+    assert_eq!(
+        applied[0]["spec"]["template"]["spec"]["containers"][0]["image"],
+        "lobehub/lobe-chat:v2"
+    );
+    assert!(event_reasons(&h).contains(&"PodTemplateRestored".to_string()));
+    assert!(
+        h.server.deployment_applies(Track::Stable).is_empty(),
+        "stable was not touched"
+    );
 }
 
 /// A metrics source with a bug: it panics when asked.

@@ -41,6 +41,36 @@ pub fn revision_of(template: &PodTemplateSpec) -> String {
     digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
 }
 
+/// Annotation the operator's Deployment cache puts on each cached Deployment (in memory only) in
+/// place of the pod spec it drops: the [`fingerprint`] of the live pod template.
+pub const CACHED_FINGERPRINT: &str = "chatrelease.io/cached-template-fingerprint";
+
+/// What a hand edit of a track's pod template changes and the operator would put back: each
+/// container's name, image, command, args and env, which the API server stores as written (unlike
+/// resources or probes, which it fills in and normalises). `kubectl set image` or `set env` on a
+/// track's Deployment changes it while the revision label stays.
+pub fn fingerprint(template: &PodTemplateSpec) -> String {
+    let containers: Vec<_> = template
+        .spec
+        .iter()
+        .flat_map(|pod| pod.init_containers.iter().flatten().chain(&pod.containers))
+        .map(|c| (&c.name, &c.image, &c.command, &c.args, &c.env))
+        .collect();
+    let bytes = serde_json::to_vec(&containers).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The fingerprint of a live Deployment's pod template: from its pod spec, or from the cache's
+/// annotation when the cache dropped the spec.
+pub fn live_fingerprint(deployment: &Deployment) -> Option<String> {
+    let template = &deployment.spec.as_ref()?.template;
+    if template.spec.is_some() {
+        return Some(fingerprint(template));
+    }
+    deployment.annotations().get(CACHED_FINGERPRINT).cloned()
+}
+
 /// The images a template runs, comma-separated, for status and `kubectl get`.
 pub fn image_of(template: &PodTemplateSpec) -> String {
     template

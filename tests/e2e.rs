@@ -919,3 +919,74 @@ async fn l_a_canary_whose_pods_stop_being_ready_loses_its_weight_until_they_are_
     })
     .await;
 }
+
+// ----- (m): hand edits of what the operator owns ------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn m_a_virtualservice_or_deployment_edited_by_hand_is_put_back() {
+    use chatrelease::istio::{PRIMARY_ROUTE, VirtualService};
+    use k8s_openapi::api::apps::v1::Deployment;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    run("hand-edits", Needs::Operator, LONG_LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        t.apply(&Release::version("v2")).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+
+        // Someone sets the split to 50/50 with kubectl edit.
+        let services = Api::<VirtualService>::namespaced(t.client.clone(), &t.namespace);
+        let mut vs = services.get("lobe-chat").await.expect("the VirtualService");
+        for route in vs.spec.http.iter_mut().filter(|r| r.name == PRIMARY_ROUTE) {
+            for destination in &mut route.route {
+                destination.weight = 50;
+            }
+        }
+        services
+            .replace("lobe-chat", &PostParams::default(), &vs)
+            .await
+            .expect("a hand edit of the VirtualService");
+        let restored_in = t
+            .wait_split(
+                Split {
+                    stable: 95,
+                    canary: 5,
+                },
+                ONE_RECONCILE * 2,
+            )
+            .await;
+        report(&format!(
+            "{}: a hand-edited split was put back in {:.1}s",
+            t.test,
+            restored_in.as_secs_f64()
+        ));
+
+        // Someone runs `kubectl set image` on the canary: the analysed image must be the one
+        // that runs and the one promoted.
+        let deployments = Api::<Deployment>::namespaced(t.client.clone(), &t.namespace);
+        let patch = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "lobe-chat", "image": "evil:1"}
+        ]}}}});
+        let by_hand = PatchParams {
+            field_manager: Some("kubectl-set".into()),
+            ..PatchParams::default()
+        };
+        deployments
+            .patch("lobe-chat-canary", &by_hand, &Patch::Strategic(&patch))
+            .await
+            .expect("kubectl set image");
+        t.wait_deployment("canary", "the v2 image back", ONE_RECONCILE * 3, |d| {
+            image_of(d).as_deref() == Some("lobehub/lobe-chat:v2")
+        })
+        .await;
+        assert!(has_event(&t.events().await, "PodTemplateRestored"));
+
+        let done = t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        let status = done.status.unwrap_or_default();
+        assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v2"));
+        t.wait_deployment("stable", "2 Ready pods of v2", ONE_RECONCILE * 2, |d| {
+            image_of(d).as_deref() == Some("lobehub/lobe-chat:v2") && replicas_of(d) == (2, 2)
+        })
+        .await;
+    })
+    .await;
+}
