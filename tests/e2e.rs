@@ -935,14 +935,14 @@ async fn m_a_virtualservice_or_deployment_edited_by_hand_is_put_back() {
 
         // Someone sets the split to 50/50 with kubectl edit.
         let services = Api::<VirtualService>::namespaced(t.client.clone(), &t.namespace);
-        let mut vs = services.get("lobe-chat").await.expect("the VirtualService");
+        let mut vs = services.get(NAME).await.expect("the VirtualService");
         for route in vs.spec.http.iter_mut().filter(|r| r.name == PRIMARY_ROUTE) {
             for destination in &mut route.route {
                 destination.weight = 50;
             }
         }
         services
-            .replace("lobe-chat", &PostParams::default(), &vs)
+            .replace(NAME, &PostParams::default(), &vs)
             .await
             .expect("a hand edit of the VirtualService");
         let restored_in = t
@@ -971,7 +971,11 @@ async fn m_a_virtualservice_or_deployment_edited_by_hand_is_put_back() {
             ..PatchParams::default()
         };
         deployments
-            .patch("lobe-chat-canary", &by_hand, &Patch::Strategic(&patch))
+            .patch(
+                &format!("{NAME}-canary"),
+                &by_hand,
+                &Patch::Strategic(&patch),
+            )
             .await
             .expect("kubectl set image");
         t.wait_deployment("canary", "the v2 image back", ONE_RECONCILE * 3, |d| {
