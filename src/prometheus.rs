@@ -111,14 +111,14 @@ pub const HISTORY: &str = "1h";
 /// "Born inside" must mean it: no sample in the hour before the window. A failed scrape writes a
 /// stale marker, so `S offset w` alone came back empty for a series that existed all along (after
 /// a scrape gap, or a Prometheus restart), and its whole lifetime (days of stable traffic) was
-/// added. And when Prometheus has no history at all before the window (its data was lost), no
-/// series can be told to be new: `history` (the track's request series, whatever their code) must
-/// have been seen before the window, or new series count nothing and increase() alone speaks.
-fn growth(series: &str, history: &str, window: &str) -> String {
+/// added. And when Prometheus itself has no data from before the window (new, or its data lost
+/// on a restart: not even its own `up` series of any target), no series can be told to be new;
+/// then none is, and increase() alone speaks.
+fn growth(series: &str, window: &str) -> String {
     format!(
         "(increase({series}[{window}]) and present_over_time({series}[{HISTORY}] offset {window})) \
          or (({series} unless present_over_time({series}[{HISTORY}] offset {window})) \
-         and on() group(present_over_time({history}[{HISTORY}] offset {window})))"
+         and on() group(present_over_time(up[{HISTORY}] offset {window})))"
     )
 }
 
@@ -127,7 +127,7 @@ pub fn requests_query(target: &AnalysisTarget) -> String {
     let series = format!("istio_requests_total{{{}}}", selector(target));
     format!(
         "sum by (destination_workload) ({})",
-        growth(&series, &series, &prometheus_duration(target.window))
+        growth(&series, &prometheus_duration(target.window))
     )
 }
 
@@ -137,10 +137,9 @@ pub fn errors_query(target: &AnalysisTarget) -> String {
         "istio_requests_total{{{},response_code=~\"{ERROR_CODES}\"}}",
         selector(target)
     );
-    let history = format!("istio_requests_total{{{}}}", selector(target));
     format!(
         "sum by (destination_workload) ({})",
-        growth(&series, &history, &prometheus_duration(target.window))
+        growth(&series, &prometheus_duration(target.window))
     )
 }
 
@@ -153,7 +152,7 @@ pub fn latency_p99_query(target: &AnalysisTarget) -> String {
     );
     format!(
         "histogram_quantile(0.99, sum by (destination_workload, le) ({}))",
-        growth(&series, &series, &prometheus_duration(target.window))
+        growth(&series, &prometheus_duration(target.window))
     )
 }
 
@@ -719,7 +718,7 @@ mod tests {
             format!(
                 "sum by (destination_workload) ((increase({S}[60s]) and present_over_time({S}[1h] offset 60s)) \
                  or (({S} unless present_over_time({S}[1h] offset 60s)) \
-                 and on() group(present_over_time({S}[1h] offset 60s))))",
+                 and on() group(present_over_time(up[1h] offset 60s))))",
                 S = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}"#
             )
         );
@@ -732,11 +731,8 @@ mod tests {
             format!(
                 "sum by (destination_workload) ((increase({S}[60s]) and present_over_time({S}[1h] offset 60s)) \
                  or (({S} unless present_over_time({S}[1h] offset 60s)) \
-                 and on() group(present_over_time({H}[1h] offset 60s))))",
-                S = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable",response_code=~"5..|47."}"#,
-                // New error series count when the track's requests were seen before the window,
-                // whatever their code: a first error must not need an earlier one.
-                H = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}"#
+                 and on() group(present_over_time(up[1h] offset 60s))))",
+                S = r#"istio_requests_total{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable",response_code=~"5..|47."}"#
             )
         );
     }
@@ -750,7 +746,7 @@ mod tests {
             format!(
                 "histogram_quantile(0.99, sum by (destination_workload, le) ((increase({S}[90s]) and present_over_time({S}[1h] offset 90s)) \
                  or (({S} unless present_over_time({S}[1h] offset 90s)) \
-                 and on() group(present_over_time({S}[1h] offset 90s)))))",
+                 and on() group(present_over_time(up[1h] offset 90s)))))",
                 S = r#"istio_request_duration_milliseconds_bucket{reporter="destination",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable"}"#
             )
         );

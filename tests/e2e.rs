@@ -171,7 +171,9 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
         .wait_phase(Phase::RolledBack, Duration::from_secs(120))
         .await;
     let rolled_back_at = Instant::now();
-    assert_eq!(t.split().await, Some(Split::ALL_STABLE));
+    // A rollback is recorded in status first (so a failed write cannot lose it), then written
+    // to the VirtualService in the same reconcile.
+    t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
     caught_up(t, &timeline).await;
     assert_eq!(
         timeline.canary_weights(),
@@ -202,13 +204,25 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
         .rev()
         .find(|(_, s)| s.canary == 0)
         .map(|(at, _)| *at);
-    if let (Some(from), Some(to)) = (got_weight, back) {
-        report(&format!(
-            "{}: bad canary ({variable}=0.3) had weight for {:.1}s before the VirtualService was 100% stable",
-            t.test,
-            (to - from).as_secs_f64()
-        ));
-    }
+    let (Some(from), Some(to)) = (got_weight, back) else {
+        panic!(
+            "the timeline missed the weight or its withdrawal:\n{}",
+            timeline.describe()
+        );
+    };
+    let held = to - from;
+    report(&format!(
+        "{}: bad canary ({variable}=0.3) had weight for {:.1}s before the VirtualService was 100% stable",
+        t.test,
+        held.as_secs_f64()
+    ));
+    // failureLimit (2) analyses an interval apart, plus a reconcile and a scrape or two.
+    let bound = INTERVAL * 2 + Duration::from_secs(15);
+    assert!(
+        held <= bound,
+        "the bad canary held weight for {held:?}, over {bound:?}:\n{}",
+        timeline.describe()
+    );
 
     // Streaming chats finish: the canary keeps its pods for drainTimeout, then goes to 0.
     let canary = t.deployment("canary").await.expect("canary Deployment");
@@ -228,6 +242,10 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
     assert!(
         drained_after + Duration::from_secs(2) >= DRAIN_TIMEOUT,
         "canary scaled to 0 after only {drained_after:?}"
+    );
+    assert!(
+        drained_after <= DRAIN_TIMEOUT + Duration::from_secs(10),
+        "canary pods kept {drained_after:?}, well past drainTimeout {DRAIN_TIMEOUT:?}"
     );
     let stable = t.deployment("stable").await.expect("stable Deployment");
     assert_eq!(image_of(&stable).as_deref(), Some("lobehub/lobe-chat:v1"));
@@ -545,7 +563,7 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
                 "a duration that overflowed the parser",
                 |m| m["spec"]["strategy"]["interval"] = json!("99999999999999999999h"),
                 "spec.strategy.interval",
-                "must be a duration",
+                "Too long",
             ),
             (
                 "an interval over a day",
@@ -799,7 +817,7 @@ async fn a_canary_failing_a_check_is_rolled_back(
     let rolled_back = t
         .wait_phase(Phase::RolledBack, Duration::from_secs(120))
         .await;
-    assert_eq!(t.split().await, Some(Split::ALL_STABLE));
+    t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
     caught_up(t, &timeline).await;
     assert_eq!(
         timeline.canary_weights(),
