@@ -20,8 +20,8 @@ mod harness;
 
 use chatrelease::crd::{ChatRelease, Phase, Verdict};
 use harness::{
-    DRAIN_TIMEOUT, INTERVAL, MIN_REQUESTS, NAME, Needs, Release, Split, StatusWatch, TestEnv,
-    Timeline, image_of, phase, replicas_of, report, run, summary, weight,
+    DRAIN_TIMEOUT, INTERVAL, MIN_REQUESTS, NAME, Needs, PROGRESS_DEADLINE, Release, Split,
+    StatusWatch, TestEnv, Timeline, image_of, phase, replicas_of, report, run, summary, weight,
 };
 use kube::ResourceExt;
 use serde_json::json;
@@ -1009,6 +1009,93 @@ async fn m_a_virtualservice_or_deployment_edited_by_hand_is_put_back() {
             image_of(d).as_deref() == Some("lobehub/lobe-chat:v2") && replicas_of(d) == (2, 2)
         })
         .await;
+    })
+    .await;
+}
+
+// ----- (n), (o): progressDeadline ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn n_too_few_requests_hold_then_pause_at_the_progress_deadline_with_the_weight_kept() {
+    run("too-few-requests", Needs::Operator, LONG_LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        // 5% of the simulator's 100 requests a second never reaches 100,000 in a window.
+        t.apply(&Release::version("v2").min_requests(100_000)).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+        let at_5 = Instant::now();
+        let paused = t
+            .wait_for(
+                "Paused after progressDeadline",
+                PROGRESS_DEADLINE + INTERVAL * 3,
+                |r| phase(r) == Some(Phase::Paused),
+            )
+            .await;
+        let waited = at_5.elapsed();
+        let status = paused.status.clone().unwrap_or_default();
+        assert_eq!(
+            status.pause_reason,
+            Some(chatrelease::crd::PauseReason::Inconclusive),
+            "{}",
+            summary(&paused)
+        );
+        assert!(
+            status.message.contains("progressDeadline"),
+            "{}",
+            status.message
+        );
+        assert!(
+            waited + Duration::from_secs(2) >= PROGRESS_DEADLINE,
+            "paused after only {waited:?}"
+        );
+        assert_eq!(status.failed_checks, 0, "too few requests is no failure");
+        assert!(has_event(&t.events().await, "AnalysisInconclusive"));
+        caught_up(t, &timeline).await;
+        assert_eq!(timeline.canary_weights(), [0, 5], "{}", timeline.describe());
+        report(&format!(
+            "{}: paused {:.1}s after 5% with too few requests (progressDeadline {}s)",
+            t.test,
+            waited.as_secs_f64(),
+            PROGRESS_DEADLINE.as_secs()
+        ));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn o_canary_pods_never_ready_roll_back_at_the_progress_deadline_without_traffic() {
+    run("never-ready", Needs::Operator, LONG_LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        let applied = Instant::now();
+        t.apply(&Release::version("v2").unschedulable()).await;
+        let rolled_back = t
+            .wait_phase(
+                Phase::RolledBack,
+                PROGRESS_DEADLINE + Duration::from_secs(30),
+            )
+            .await;
+        let waited = applied.elapsed();
+        let status = rolled_back.status.clone().unwrap_or_default();
+        assert!(
+            status.message.contains("not Ready within progressDeadline"),
+            "{}",
+            status.message
+        );
+        assert!(
+            waited + Duration::from_secs(2) >= PROGRESS_DEADLINE,
+            "rolled back after only {waited:?}"
+        );
+        caught_up(t, &timeline).await;
+        assert_eq!(
+            timeline.canary_weights(),
+            [0],
+            "pods that were never Ready never got traffic:\n{}",
+            timeline.describe()
+        );
+        assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v1"));
     })
     .await;
 }

@@ -331,6 +331,10 @@ pub struct Release {
     pub latency_p99: Option<String>,
     /// `spec.analysis.metrics`.
     pub metrics: Vec<Value>,
+    /// `spec.analysis.minRequests`, when not MIN_REQUESTS.
+    pub min_requests: Option<i64>,
+    /// `spec.template.spec.nodeSelector`: a selector no node has keeps the pods Pending.
+    pub node_selector: Option<Value>,
 }
 
 impl Release {
@@ -344,7 +348,21 @@ impl Release {
             prometheus: None,
             latency_p99: None,
             metrics: Vec::new(),
+            min_requests: None,
+            node_selector: None,
         }
+    }
+
+    /// `spec.analysis.minRequests`.
+    pub fn min_requests(mut self, n: i64) -> Release {
+        self.min_requests = Some(n);
+        self
+    }
+
+    /// Pods that no node can take: they stay Pending, never Ready.
+    pub fn unschedulable(mut self) -> Release {
+        self.node_selector = Some(json!({"chatrelease.io/no-such-node": "true"}));
+        self
     }
 
     /// `spec.analysis.latencyP99.max`, such as `1s`.
@@ -392,7 +410,7 @@ impl Release {
         let secs = |d: Duration| format!("{}s", d.as_secs());
         let mut analysis = json!({
             "window": secs(INTERVAL),
-            "minRequests": MIN_REQUESTS,
+            "minRequests": self.min_requests.unwrap_or(MIN_REQUESTS),
             "compareToStable": true,
             "errorRate": {"max": "1%"},
         });
@@ -408,18 +426,22 @@ impl Release {
         if !self.metrics.is_empty() {
             analysis["metrics"] = json!(self.metrics);
         }
+        let mut pod = json!({"containers": [{
+            "name": "lobe-chat",
+            "image": self.image,
+            "ports": [{"containerPort": 3210}],
+            "env": env,
+        }]});
+        if let Some(selector) = &self.node_selector {
+            pod["nodeSelector"] = selector.clone();
+        }
         json!({
             "apiVersion": "chatrelease.io/v1alpha1",
             "kind": "ChatRelease",
             "metadata": {"name": NAME},
             "spec": {
                 "replicas": 2,
-                "template": {"spec": {"containers": [{
-                    "name": "lobe-chat",
-                    "image": self.image,
-                    "ports": [{"containerPort": 3210}],
-                    "env": env,
-                }]}},
+                "template": {"spec": pod},
                 "service": {"port": 80, "targetPort": 3210},
                 "strategy": {
                     "steps": [5, 25, 50, 100],
