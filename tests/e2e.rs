@@ -1099,3 +1099,159 @@ async fn o_canary_pods_never_ready_roll_back_at_the_progress_deadline_without_tr
     })
     .await;
 }
+
+// ----- (p): what only the operator can refuse -----------------------------------------------------
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn p_a_spec_only_the_operator_refuses_is_failed_with_traffic_untouched() {
+    run("operator-refusal", Needs::Operator, LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let chr = format!("chatrelease/{NAME}");
+        let ready = t
+            .kubectl(&["wait", "--for=condition=Ready", &chr, "--timeout=30s"])
+            .await;
+        assert!(ready.status.success(), "kubectl wait: {ready:?}");
+        let listed = stdout(&t.kubectl(&["get", "chr", NAME]).await);
+        for column in ["PHASE", "WEIGHT", "STABLE", "CANARY", "MESSAGE", "Stable"] {
+            assert!(
+                listed.contains(column),
+                "kubectl get chr lacks {column}:\n{listed}"
+            );
+        }
+        assert!(listed.contains("lobehub/lobe-chat:v1"), "{listed}");
+
+        let timeline = t.timeline();
+        // The CRD admits it: a well-formed, unique name. Only the operator knows latency-p99 is
+        // a built-in check's.
+        let taken = Release::version("v2").metric("latency-p99", "vector(1)", 1.0);
+        t.apply(&taken).await;
+        let failed = t.wait_phase(Phase::Failed, ONE_RECONCILE * 2).await;
+        let message = failed.status.clone().unwrap_or_default().message;
+        assert!(
+            message.contains("spec.analysis.metrics[0].name"),
+            "{message}"
+        );
+        let not_ready = t
+            .kubectl(&["wait", "--for=condition=Ready=False", &chr, "--timeout=10s"])
+            .await;
+        assert!(not_ready.status.success(), "kubectl wait: {not_ready:?}");
+        assert!(has_event(&t.events().await, "SpecRejected"));
+        t.holds("Failed with all traffic on stable", INTERVAL, |r| {
+            phase(r) == Some(Phase::Failed) && weight(r) == 0
+        })
+        .await;
+        assert_eq!(t.split().await, Some(Split::ALL_STABLE));
+        let canary = t.deployment("canary").await.expect("canary Deployment");
+        assert_eq!(
+            replicas_of(&canary).0,
+            0,
+            "no canary pods for a refused spec"
+        );
+        assert_eq!(image_of(&canary).as_deref(), Some("lobehub/lobe-chat:v1"));
+        assert_eq!(
+            t.release().await.spec.analysis.metrics[0].name,
+            "latency-p99",
+            "the user's spec is left as written"
+        );
+
+        // Fixed, the release goes on as if nothing had happened.
+        t.apply(&Release::version("v2")).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+        caught_up(t, &timeline).await;
+        assert_eq!(timeline.canary_weights(), [0, 5], "{}", timeline.describe());
+    })
+    .await;
+}
+
+// ----- (q): pause and resume -----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn q_pause_holds_the_weight_without_analysis_and_resume_goes_on() {
+    run("pause-resume", Needs::Operator, LONG_LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&Release::version("v2")).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+        let paused = t.kubectl_chatrelease(&["pause", NAME]).await;
+        assert!(paused.status.success(), "{paused:?}");
+        t.wait_phase(Phase::Paused, ONE_RECONCILE).await;
+        let analyses_before = timeline.analyses().len();
+        t.holds("Paused at 5%", INTERVAL * 2, |r| {
+            phase(r) == Some(Phase::Paused) && weight(r) == 5
+        })
+        .await;
+        assert_eq!(
+            timeline.analyses().len(),
+            analyses_before,
+            "no analysis while paused:\n{}",
+            timeline.describe()
+        );
+        let resumed = t.kubectl_chatrelease(&["resume", NAME]).await;
+        assert!(resumed.status.success(), "{resumed:?}");
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+        caught_up(t, &timeline).await;
+        assert_full_rollout(&timeline);
+        assert!(has_event(&t.events().await, "Paused"));
+        assert!(has_event(&t.events().await, "Resumed"));
+    })
+    .await;
+}
+
+// ----- (r): deletion ---------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn r_deleting_a_chatrelease_mid_canary_removes_everything_it_made() {
+    use chatrelease::istio::{DestinationRule, VirtualService};
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, DeleteParams};
+    run("deletion", Needs::Operator, LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        t.apply(&Release::version("v2")).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+        t.releases()
+            .delete(NAME, &DeleteParams::default())
+            .await
+            .expect("deleting the ChatRelease");
+        // The real controller-manager's garbage collector follows the owner references.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ns = &t.namespace;
+            let left = [
+                t.deployment("stable").await.is_some(),
+                t.deployment("canary").await.is_some(),
+                Api::<Service>::namespaced(t.client.clone(), ns)
+                    .get_opt(NAME)
+                    .await
+                    .expect("reading the Service")
+                    .is_some(),
+                Api::<VirtualService>::namespaced(t.client.clone(), ns)
+                    .get_opt(NAME)
+                    .await
+                    .expect("reading the VirtualService")
+                    .is_some(),
+                Api::<DestinationRule>::namespaced(t.client.clone(), ns)
+                    .get_opt(NAME)
+                    .await
+                    .expect("reading the DestinationRule")
+                    .is_some(),
+            ];
+            if left.iter().all(|present| !present) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still there after 60s (stable, canary, Service, VirtualService, DestinationRule): {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await;
+}

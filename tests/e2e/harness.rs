@@ -70,6 +70,8 @@ pub struct Cluster {
     /// The Prometheus binary, for tests that run a second one (`PROMETHEUS_BIN`, as tools.mk
     /// names it; default Debian's).
     pub prometheus_bin: PathBuf,
+    /// The control plane's kubectl, as a person would run it.
+    pub kubectl: PathBuf,
 }
 
 impl Cluster {
@@ -111,6 +113,7 @@ impl Cluster {
             targets_dir: PathBuf::from(var("PROMETHEUS_TARGETS_DIR")?),
             prometheus_bin: std::env::var_os("PROMETHEUS_BIN")
                 .map_or_else(|| PathBuf::from("/usr/bin/prometheus"), PathBuf::from),
+            kubectl: PathBuf::from(var("KUBECTL")?),
             state_dir,
         })
     }
@@ -1128,6 +1131,20 @@ impl TestEnv {
             .await
             .unwrap_or_else(|e| panic!("setting pod {} Ready={state}: {e}", pod.name_any()));
         }
+    }
+
+    /// Runs the control plane's `kubectl` in this namespace; its exit status and output.
+    pub async fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new(&self.cluster.kubectl);
+        command
+            .env("KUBECONFIG", &self.cluster.kubeconfig)
+            .arg("-n")
+            .arg(&self.namespace)
+            .args(args);
+        tokio::task::spawn_blocking(move || command.output())
+            .await
+            .expect("kubectl task")
+            .expect("running kubectl")
     }
 
     /// Runs the built `kubectl-chatrelease` against this namespace; its exit status and output.
