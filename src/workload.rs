@@ -46,15 +46,42 @@ pub fn revision_of(template: &PodTemplateSpec) -> String {
 pub const CACHED_FINGERPRINT: &str = "chatrelease.io/cached-template-fingerprint";
 
 /// What a hand edit of a track's pod template changes and the operator would put back: each
-/// container's name, image, command, args and env, which the API server stores as written (unlike
-/// resources or probes, which it fills in and normalises). `kubectl set image` or `set env` on a
-/// track's Deployment changes it while the revision label stays.
+/// container's name, image, command, args and env values, read the way the API server stores
+/// them, so a template the operator applied has the same fingerprint live as in the spec. (It
+/// drops empty lists and fills in defaults such as a fieldRef's apiVersion, resources and probes
+/// are normalised: none of those count.) `kubectl set image` or `set env` on a track's Deployment
+/// changes it while the revision label stays.
 pub fn fingerprint(template: &PodTemplateSpec) -> String {
+    let non_empty = |list: &Option<Vec<String>>| list.clone().filter(|l| !l.is_empty());
     let containers: Vec<_> = template
         .spec
         .iter()
         .flat_map(|pod| pod.init_containers.iter().flatten().chain(&pod.containers))
-        .map(|c| (&c.name, &c.image, &c.command, &c.args, &c.env))
+        .map(|c| {
+            let env: Vec<_> = c
+                .env
+                .iter()
+                .flatten()
+                .map(|e| {
+                    let from = e.value_from.as_ref().map(|from| {
+                        (
+                            from.secret_key_ref.as_ref().map(|r| (&r.name, &r.key)),
+                            from.config_map_key_ref.as_ref().map(|r| (&r.name, &r.key)),
+                            from.field_ref.as_ref().map(|r| &r.field_path),
+                            from.resource_field_ref.as_ref().map(|r| &r.resource),
+                        )
+                    });
+                    (&e.name, e.value.as_deref().unwrap_or_default(), from)
+                })
+                .collect();
+            (
+                &c.name,
+                &c.image,
+                non_empty(&c.command),
+                non_empty(&c.args),
+                env,
+            )
+        })
         .collect();
     let bytes = serde_json::to_vec(&containers).unwrap_or_default();
     let digest = Sha256::digest(&bytes);
@@ -249,6 +276,38 @@ mod tests {
         assert_eq!(labels[LABEL_REVISION], "abc");
         assert_eq!(labels["team"], "chat");
         assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
+    }
+
+    #[test]
+    fn a_template_reads_the_same_live_as_in_the_spec_but_not_after_set_image() {
+        let spec: PodTemplateSpec = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [{"name": "app", "image": "chat:v2", "args": [], "env": [
+                {"name": "MODE", "value": "chat"},
+                {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+            ]}]}
+        }))
+        .unwrap();
+        // As the API server returns it: empty lists dropped, defaults filled in.
+        let live: PodTemplateSpec = serde_json::from_value(serde_json::json!({
+            "spec": {"containers": [{"name": "app", "image": "chat:v2",
+                "imagePullPolicy": "IfNotPresent", "terminationMessagePath": "/dev/termination-log",
+                "resources": {}, "env": [
+                {"name": "MODE", "value": "chat"},
+                {"name": "POD", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}}
+            ]}], "restartPolicy": "Always", "dnsPolicy": "ClusterFirst"}
+        }))
+        .unwrap();
+        assert_eq!(fingerprint(&spec), fingerprint(&live));
+        let mut set_image = live.clone();
+        set_image.spec.as_mut().unwrap().containers[0].image = Some("evil:1".into());
+        assert_ne!(fingerprint(&spec), fingerprint(&set_image));
+        let mut set_env = live;
+        set_env.spec.as_mut().unwrap().containers[0]
+            .env
+            .as_mut()
+            .unwrap()[0]
+            .value = Some("debug".into());
+        assert_ne!(fingerprint(&spec), fingerprint(&set_env));
     }
 
     #[test]

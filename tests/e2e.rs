@@ -152,6 +152,11 @@ async fn a_good_canary_goes_5_25_50_100_and_stable_then_runs_it() {
             })
             .await;
         assert_eq!(replicas_of(&stable), (2, 2));
+        // What the API server stores of a template the operator applied is no hand edit.
+        assert!(
+            !has_event(&t.events().await, "PodTemplateRestored"),
+            "an untouched template was taken for a hand edit"
+        );
     })
     .await;
 }
