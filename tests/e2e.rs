@@ -1260,3 +1260,75 @@ async fn r_deleting_a_chatrelease_mid_canary_removes_everything_it_made() {
     })
     .await;
 }
+
+// ----- (s): the operator killed at a gate and while a canary drains -------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn s_an_operator_killed_at_a_gate_or_mid_drain_neither_moves_traffic_nor_cuts_the_drain() {
+    run(
+        "operator-kill-gate-drain",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            stable_at(t, &Release::version("v1")).await;
+            let timeline = t.timeline();
+            t.apply(&Release::version("v2").manual_gates(&[50])).await;
+            t.wait_for("waiting at the gate before 50%", TO_25 + INTERVAL, |r| {
+                phase(r) == Some(Phase::Paused) && weight(r) == 25
+            })
+            .await;
+
+            // Killed while waiting at the gate: a restart neither passes the gate nor steps back.
+            t.kill_operator();
+            tokio::time::sleep(INTERVAL).await;
+            t.start_operator();
+            t.holds(
+                "still at the gate at 25%",
+                INTERVAL + Duration::from_secs(2),
+                |r| phase(r) == Some(Phase::Paused) && weight(r) == 25,
+            )
+            .await;
+
+            // Rolled back at the gate, then killed while the canary's pods drain: the restarted
+            // operator keeps them until drainTimeout, counted from the rollback, not from its start.
+            t.annotate("chatrelease.io/rollback", Some("true")).await;
+            t.wait_phase(Phase::RolledBack, ONE_RECONCILE).await;
+            let rolled_back_at = Instant::now();
+            t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+            t.kill_operator();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            t.start_operator();
+            let canary = t.deployment("canary").await.expect("canary Deployment");
+            assert_eq!(
+                replicas_of(&canary).0,
+                2,
+                "the draining pods are still there"
+            );
+            t.wait_deployment(
+                "canary",
+                "0 replicas",
+                DRAIN_TIMEOUT + Duration::from_secs(20),
+                |d| replicas_of(d).0 == 0,
+            )
+            .await;
+            let drained_after = rolled_back_at.elapsed();
+            assert!(
+                drained_after + Duration::from_secs(2) >= DRAIN_TIMEOUT,
+                "the restart cut the drain short: {drained_after:?}"
+            );
+            assert!(
+                drained_after <= DRAIN_TIMEOUT + Duration::from_secs(10),
+                "the restart restarted the drain: {drained_after:?}"
+            );
+            caught_up(t, &timeline).await;
+            assert_eq!(
+                timeline.canary_weights(),
+                [0, 5, 25, 0],
+                "{}",
+                timeline.describe()
+            );
+        },
+    )
+    .await;
+}
