@@ -1332,3 +1332,57 @@ async fn s_an_operator_killed_at_a_gate_or_mid_drain_neither_moves_traffic_nor_c
     )
     .await;
 }
+
+// ----- (t): latency both tracks share -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn t_latency_both_tracks_share_holds_without_rollback() {
+    run("shared-latency", Needs::Operator, LONG_LIMIT, async |t| {
+        // A slow model provider: every pod, stable's and the canary's, answers in about 2.5 s.
+        let slow = |tag: &str| {
+            Release::version(tag)
+                .latency_p99("1s")
+                // A P99 of 50 canary requests is noisy: chance breaches of "within 20% of
+                // stable" must not add up to a rollback within this test's few analyses.
+                .failure_limit(5)
+                .env("SIM_LATENCY_MS", "2500")
+        };
+        stable_at(t, &slow("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&slow("v2")).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+        let shared = || {
+            timeline
+                .analyses()
+                .iter()
+                .filter(|a| {
+                    a.verdict == Verdict::Inconclusive
+                        && a.checks.iter().any(|c| {
+                            c.name == "latency-p99"
+                                && c.verdict == Verdict::Inconclusive
+                                && c.note.contains(SHARED_TROUBLE)
+                        })
+                })
+                .count()
+        };
+        t.holds_until(
+            "weight 5 and Progressing while both tracks are slow",
+            INTERVAL * 3,
+            Duration::from_secs(90),
+            |r| weight(r) == 5 && phase(r) == Some(Phase::Progressing),
+            || match shared() {
+                n if n >= 3 => Ok(()),
+                n => Err(format!(
+                    "only {n} analyses blamed shared latency:\n{}",
+                    timeline.describe()
+                )),
+            },
+        )
+        .await;
+        caught_up(t, &timeline).await;
+        assert_eq!(timeline.canary_weights(), [0, 5], "{}", timeline.describe());
+        assert!(!timeline.phases().contains(&Phase::RolledBack));
+    })
+    .await;
+}
