@@ -476,6 +476,7 @@ impl<'a> Draft<'a> {
                 self.consume(Command::Retry);
                 self.notice("Retry", format!("retrying rolled-back revision {desired}"));
                 self.start_canary_or_wait_for_drain();
+                self.pend_canary_until_drained();
             }
             return;
         }
@@ -699,16 +700,23 @@ impl<'a> Draft<'a> {
             format!("canary {old} superseded by revision {desired}; traffic back on stable"),
         );
         self.start_canary_or_wait_for_drain();
-        if self.action == Action::AwaitCanary {
-            // Keep the rollout visible as in progress while the old pods drain.
-            self.next.phase = Phase::Progressing;
-            self.next.canary_revision = Some(desired);
-            self.next.canary_image = Some(self.world.desired_image.clone());
-            self.next.current_step = None;
-            self.next.canary_started_at = None;
-            self.next.pause_reason = None;
-            self.plan.canary = TrackPlan::Keep;
+        self.pend_canary_until_drained();
+    }
+
+    /// A canary that must wait for the previous one's pods to drain is recorded in status as a
+    /// rollout in progress, so it starts after the drain whatever asked for it: a one-shot retry
+    /// annotation is gone by then.
+    fn pend_canary_until_drained(&mut self) {
+        if self.action != Action::AwaitCanary {
+            return;
         }
+        self.next.phase = Phase::Progressing;
+        self.next.canary_revision = Some(self.world.desired_revision.clone());
+        self.next.canary_image = Some(self.world.desired_image.clone());
+        self.next.current_step = None;
+        self.next.canary_started_at = None;
+        self.next.pause_reason = None;
+        self.plan.canary = TrackPlan::Keep;
     }
 
     /// Traffic leaves the canary in this one write; its pods start draining.
@@ -1289,6 +1297,26 @@ mod tests {
         assert_eq!(d.consumed, vec![Command::Retry]);
         assert!(reasons(&d).contains(&"Retry"));
         assert_eq!(d.plan.canary, TrackPlan::ApplyTemplate { replicas: 2 });
+    }
+
+    #[test]
+    fn a_retry_during_the_drain_starts_the_canary_once_the_drain_ends() {
+        let mut case = canary_at(1);
+        case.status.phase = Phase::RolledBack;
+        case.status.current_step = None;
+        case.status.canary_weight = 0;
+        case.status.draining_since = Some(Time(t(0)));
+        case.world.commands.retry = true;
+        let d = case.decide(None, t(1));
+        assert_eq!(d.consumed, vec![Command::Retry]);
+        assert_eq!(d.action, Action::AwaitCanary);
+        assert_eq!(d.plan.canary, TrackPlan::Keep, "the old pods drain");
+        case.status = d.status;
+        // The annotation is gone; the retry is not.
+        case.world.commands.retry = false;
+        let d = case.decide(None, t(6));
+        assert_eq!(d.action, Action::StartCanary);
+        assert_eq!(d.status.phase, Phase::Progressing);
     }
 
     #[test]
