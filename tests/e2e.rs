@@ -1386,3 +1386,101 @@ async fn t_latency_both_tracks_share_holds_without_rollback() {
     })
     .await;
 }
+
+// ----- (u), (v): the template changes under a running canary ----------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn u_a_new_template_mid_canary_withdraws_the_old_one_then_rolls_out_after_its_drain() {
+    run(
+        "template-mid-canary",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            stable_at(t, &Release::version("v1")).await;
+            let timeline = t.timeline();
+            t.apply(&Release::version("v2")).await;
+            t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+
+            t.apply(&Release::version("v3")).await;
+            // v2's traffic leaves in one write; its pods drain before v3's template goes on.
+            let withdrawn = t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+            assert!(has_event(&t.events().await, "CanarySuperseded"));
+            let canary = t.deployment("canary").await.expect("canary Deployment");
+            assert_eq!(
+                image_of(&canary).as_deref(),
+                Some("lobehub/lobe-chat:v2"),
+                "v2's pods serve their last streams while they drain"
+            );
+            let done = t
+                .wait_phase(Phase::Succeeded, DRAIN_TIMEOUT + TO_SUCCEEDED)
+                .await;
+            let status = done.status.unwrap_or_default();
+            assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v3"));
+            t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+            caught_up(t, &timeline).await;
+            assert_eq!(
+                timeline.canary_weights(),
+                [0, 5, 25, 0, 5, 25, 50, 100, 0],
+                "{}",
+                timeline.describe()
+            );
+            report(&format!(
+                "{}: v2 withdrawn {:.1}s after v3 was applied",
+                t.test,
+                withdrawn.as_secs_f64()
+            ));
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn v_the_template_set_back_to_stables_withdraws_the_canary_and_retry_restarts_a_rollback() {
+    run(
+        "template-back-and-retry",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            stable_at(t, &Release::version("v1")).await;
+            let timeline = t.timeline();
+            t.apply(&Release::version("v2")).await;
+            t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+
+            // The template set back to stable's: the canary is withdrawn, nothing is promoted.
+            t.apply(&Release::version("v1")).await;
+            t.wait_phase(Phase::Stable, ONE_RECONCILE).await;
+            t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+            assert!(has_event(&t.events().await, "CanaryWithdrawn"));
+
+            // v2 again, rolled back by hand, then retried: it goes all the way this time.
+            t.apply(&Release::version("v2")).await;
+            t.wait_for("weight 5", DRAIN_TIMEOUT + TO_25, |r| weight(r) == 5)
+                .await;
+            let rolled_back = t.kubectl_chatrelease(&["rollback", NAME]).await;
+            assert!(rolled_back.status.success(), "{rolled_back:?}");
+            t.wait_phase(Phase::RolledBack, ONE_RECONCILE).await;
+            t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+            let retried = t.kubectl_chatrelease(&["retry", NAME]).await;
+            assert!(retried.status.success(), "{retried:?}");
+            let done = t
+                .wait_phase(Phase::Succeeded, DRAIN_TIMEOUT + TO_SUCCEEDED)
+                .await;
+            assert_eq!(
+                done.status.unwrap_or_default().stable_image.as_deref(),
+                Some("lobehub/lobe-chat:v2")
+            );
+            assert!(has_event(&t.events().await, "Retry"));
+            t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+            caught_up(t, &timeline).await;
+            assert_eq!(
+                timeline.canary_weights(),
+                [0, 5, 0, 5, 0, 5, 25, 50, 100, 0],
+                "{}",
+                timeline.describe()
+            );
+        },
+    )
+    .await;
+}
