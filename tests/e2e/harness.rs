@@ -1135,30 +1135,28 @@ impl TestEnv {
 
     /// Runs the control plane's `kubectl` in this namespace; its exit status and output.
     pub async fn kubectl(&self, args: &[&str]) -> std::process::Output {
-        let mut command = Command::new(&self.cluster.kubectl);
-        command
-            .env("KUBECONFIG", &self.cluster.kubeconfig)
-            .arg("-n")
-            .arg(&self.namespace)
-            .args(args);
-        tokio::task::spawn_blocking(move || command.output())
-            .await
-            .expect("kubectl task")
-            .expect("running kubectl")
+        self.run_in_namespace(&self.cluster.kubectl, args).await
     }
 
     /// Runs the built `kubectl-chatrelease` against this namespace; its exit status and output.
     pub async fn kubectl_chatrelease(&self, args: &[&str]) -> std::process::Output {
-        let mut command = Command::new(KUBECTL_CHATRELEASE);
+        self.run_in_namespace(Path::new(KUBECTL_CHATRELEASE), args)
+            .await
+    }
+
+    /// `program -n NAMESPACE args...` against this control plane, as a person runs it.
+    async fn run_in_namespace(&self, program: &Path, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new(program);
         command
             .env("KUBECONFIG", &self.cluster.kubeconfig)
             .arg("-n")
             .arg(&self.namespace)
             .args(args);
+        let what = program.display().to_string();
         tokio::task::spawn_blocking(move || command.output())
             .await
-            .expect("kubectl-chatrelease task")
-            .expect("running kubectl-chatrelease")
+            .unwrap_or_else(|e| panic!("{what} task: {e}"))
+            .unwrap_or_else(|e| panic!("running {what}: {e}"))
     }
 
     /// Starts `kubectl chatrelease status NAME --watch` (plus `extra`, such as `--timeline`) in
