@@ -304,25 +304,35 @@ async fn fail_after_panic(release: &ChatRelease, ctx: &Context, message: String)
     let namespace = release.namespace().unwrap_or_default();
     let name = release.name_any();
     error!(%message, "reconcile panicked; the ChatRelease is marked Failed and retried");
-    let error = Error::Panicked {
-        namespace: namespace.clone(),
-        name: name.clone(),
-        message,
-    };
     let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
     match api.get_opt(&name).await {
         Ok(Some(fresh)) => {
             let status = fresh.status.clone().unwrap_or_default();
-            let problem =
-                format!("{error} (a bug in the operator: please report it with this message)");
-            if let Err(write) = reject(ctx, &fresh, &status, &problem, (ctx.clock)()).await {
-                warn!(error = %write, "could not mark the ChatRelease Failed after a panic");
+            let decision = rollout::hold_after_internal_error(
+                &status,
+                fresh.metadata.generation,
+                &message,
+                (ctx.clock)(),
+            );
+            match write_status(ctx, &fresh, &status, &decision.status).await {
+                Ok(()) => {
+                    for notice in &decision.notices {
+                        publish(ctx, &fresh, notice.warning, notice.reason, &notice.note).await;
+                    }
+                }
+                Err(write) => {
+                    warn!(error = %write, "could not mark the ChatRelease Failed after a panic")
+                }
             }
         }
         Ok(None) => {}
         Err(read) => warn!(error = %read, "could not read the ChatRelease after a panic"),
     }
-    error
+    Error::Panicked {
+        namespace,
+        name,
+        message,
+    }
 }
 
 /// The spec cannot be applied: status says why (phase Failed, Ready=False), traffic stays put.

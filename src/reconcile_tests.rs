@@ -592,8 +592,14 @@ async fn a_panic_while_reconciling_marks_that_release_failed_instead_of_ending_t
         h.server.virtual_service_writes().is_empty(),
         "no route is written after a panic"
     );
+    assert!(
+        !status.message.contains("spec cannot be applied"),
+        "not the spec's fault: {}",
+        status.message
+    );
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
     assert_eq!(ready.map(|c| c.status.as_str()), Some("False"));
+    assert!(event_reasons(&h).contains(&"ReconcileFailed".to_string()));
 }
 
 #[tokio::test]

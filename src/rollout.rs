@@ -207,12 +207,26 @@ pub fn spec_rejected(
     problem: &str,
     now: Timestamp,
 ) -> ChatReleaseStatus {
+    failed(
+        status,
+        generation,
+        format!(
+            "the spec cannot be applied: {problem}; traffic stays where it is until it is fixed"
+        ),
+        now,
+    )
+}
+
+fn failed(
+    status: &ChatReleaseStatus,
+    generation: Option<i64>,
+    message: String,
+    now: Timestamp,
+) -> ChatReleaseStatus {
     let mut next = status.clone();
     next.phase = Phase::Failed;
     next.observed_generation = generation;
-    next.message = format!(
-        "the spec cannot be applied: {problem}; traffic stays where it is until it is fixed"
-    );
+    next.message = message;
     next.conditions = conditions(&next, status, now);
     next
 }
@@ -225,12 +239,35 @@ pub fn hold_rejected(
     now: Timestamp,
 ) -> Decision {
     let next = spec_rejected(status, generation, problem, now);
+    hold_failed(status, next, "SpecRejected")
+}
+
+/// A decision after the operator itself failed while reconciling (a panic: a bug, not the
+/// spec's fault): hold everything, report `Failed` with the error, try again on the next one.
+pub fn hold_after_internal_error(
+    status: &ChatReleaseStatus,
+    generation: Option<i64>,
+    error: &str,
+    now: Timestamp,
+) -> Decision {
+    let message = format!(
+        "the operator failed while reconciling: {error} (a bug in the operator: please report it with this message); traffic stays where it is, and the next reconcile tries again"
+    );
+    let next = failed(status, generation, message, now);
+    hold_failed(status, next, "ReconcileFailed")
+}
+
+fn hold_failed(
+    status: &ChatReleaseStatus,
+    next: ChatReleaseStatus,
+    reason: &'static str,
+) -> Decision {
     // One Event per distinct problem, not one per resync.
-    let newly_rejected = status.phase != Phase::Failed || status.message != next.message;
-    let notices = if newly_rejected {
+    let newly_failed = status.phase != Phase::Failed || status.message != next.message;
+    let notices = if newly_failed {
         vec![Notice {
             warning: true,
-            reason: "SpecRejected",
+            reason,
             note: next.message.clone(),
         }]
     } else {
