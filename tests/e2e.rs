@@ -1484,3 +1484,58 @@ async fn v_the_template_set_back_to_stables_withdraws_the_canary_and_retry_resta
     )
     .await;
 }
+
+// ----- (w): Prometheus back without its data ---------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn w_prometheus_back_without_its_data_never_judges_a_tracks_lifetime() {
+    run(
+        "prometheus-data-lost",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            let prometheus = t.start_own_prometheus().await;
+            stable_at(t, &Release::version("v1").prometheus(&prometheus)).await;
+            let timeline = t.timeline();
+            t.apply(&Release::version("v2").prometheus(&prometheus))
+                .await;
+            t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+            // Long enough that both tracks' counters hold far more than one window's requests.
+            tokio::time::sleep(INTERVAL).await;
+            t.stop_own_prometheus().await;
+            t.restart_own_prometheus_without_its_data().await;
+            let restarted_at = timeline.statuses().len();
+
+            t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+            caught_up(t, &timeline).await;
+            assert_full_rollout(&timeline);
+            // The simulator sends 100 requests a second: one 10 s window holds about 1,000 in all.
+            // A track's lifetime (every request since its pods started) would be several times that.
+            let window_most = 1.5 * 100.0 * INTERVAL.as_secs_f64();
+            let after: Vec<_> = timeline.statuses()[restarted_at..]
+                .iter()
+                .filter_map(|s| s.analysis.clone())
+                .collect();
+            assert!(!after.is_empty(), "{}", timeline.describe());
+            for a in &after {
+                let seen = a.canary_requests.unwrap_or(0.0) + a.stable_requests.unwrap_or(0.0);
+                assert!(
+                    seen <= window_most,
+                    "an analysis after the data loss counted {seen} requests, more than a window \
+                 holds ({window_most}):\n{}",
+                    timeline.describe()
+                );
+            }
+            report(&format!(
+                "{}: requests per analysis after Prometheus lost its data: {:?}",
+                t.test,
+                after
+                    .iter()
+                    .map(|a| a.canary_requests.unwrap_or(0.0) + a.stable_requests.unwrap_or(0.0))
+                    .collect::<Vec<_>>()
+            ));
+        },
+    )
+    .await;
+}

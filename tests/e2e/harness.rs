@@ -853,6 +853,14 @@ impl TestEnv {
         self.spawn_own_prometheus(args).await;
     }
 
+    /// Starts it again on the same port with its data folder emptied, as a Prometheus without a
+    /// persistent volume comes back from a restart.
+    pub async fn restart_own_prometheus_without_its_data(&self) {
+        let data = self.dir.join("prometheus-data");
+        fs::remove_dir_all(&data).unwrap_or_else(|e| panic!("removing {}: {e}", data.display()));
+        self.restart_own_prometheus().await;
+    }
+
     // ----- the API ----------------------------------------------------------------------------
 
     /// Panics at once, with its log, if the operator or the simulator died: no wait should run
