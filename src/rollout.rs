@@ -1264,44 +1264,32 @@ mod tests {
         }
     }
 
-    fn healthy() -> Observations {
-        let track = |n: f64| TrackSample {
-            requests: Some(n),
-            errors: Some(0.0),
-            latency_p99_ms: Some(100.0),
-            custom: Default::default(),
-        };
-        Observations::Sampled {
-            canary: track(1000.0),
-            stable: track(9000.0),
-        }
-    }
-
-    /// 10% errors on the canary, none on stable: a failed analysis.
-    fn canary_erroring() -> Observations {
-        let track = |n: f64, errors: f64| TrackSample {
-            requests: Some(n),
+    /// Requests and errors of the canary and of stable over one window, P99 100 ms on both.
+    fn window(canary: (f64, f64), stable: (f64, f64)) -> Observations {
+        let track = |(requests, errors): (f64, f64)| TrackSample {
+            requests: Some(requests),
             errors: Some(errors),
             latency_p99_ms: Some(100.0),
             custom: Default::default(),
         };
         Observations::Sampled {
-            canary: track(1000.0, 100.0),
-            stable: track(9000.0, 0.0),
+            canary: track(canary),
+            stable: track(stable),
         }
     }
 
+    fn healthy() -> Observations {
+        window((1000.0, 0.0), (9000.0, 0.0))
+    }
+
+    /// 10% errors on the canary, none on stable: a failed analysis.
+    fn canary_erroring() -> Observations {
+        window((1000.0, 100.0), (9000.0, 0.0))
+    }
+
+    /// 12% errors on both tracks: trouble both versions share.
     fn shared_outage() -> Observations {
-        let track = |n: f64| TrackSample {
-            requests: Some(n),
-            errors: Some(n * 0.12),
-            latency_p99_ms: Some(100.0),
-            custom: Default::default(),
-        };
-        Observations::Sampled {
-            canary: track(1000.0),
-            stable: track(9000.0),
-        }
+        window((1000.0, 120.0), (9000.0, 1080.0))
     }
 
     impl Case {
@@ -1795,18 +1783,9 @@ mod tests {
         assert_eq!((d.status.failed_checks, d.status.canary_weight), (0, 50));
     }
 
-    /// A canary that served fewer than minRequests in the window.
+    /// A canary that served fewer than minRequests in the window (with 30% errors).
     fn too_few_requests() -> Observations {
-        let track = |n: f64, errors: f64| TrackSample {
-            requests: Some(n),
-            errors: Some(errors),
-            latency_p99_ms: Some(100.0),
-            custom: Default::default(),
-        };
-        Observations::Sampled {
-            canary: track(30.0, 9.0),
-            stable: track(38000.0, 76.0),
-        }
+        window((30.0, 9.0), (38000.0, 76.0))
     }
 
     #[test]
