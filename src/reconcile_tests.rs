@@ -16,6 +16,23 @@ fn minutes(m: i64) -> SignedDuration {
     SignedDuration::from_secs(m * 60)
 }
 
+/// `canary` at step `step` (entered at t0) over a `stable` release, both tracks' pods all Ready,
+/// the clock at `now`.
+fn running_canary(
+    stable: &ChatRelease,
+    canary: &ChatRelease,
+    step: i32,
+    now: Timestamp,
+) -> Harness {
+    let release = canary
+        .clone()
+        .with_status(canary_status(stable, canary, step, t0()));
+    let mut h = Harness::new(&release, now);
+    h.set_deployment(deployment(stable, Track::Stable, 2, 2));
+    h.set_deployment(deployment(canary, Track::Canary, 2, 2));
+    h
+}
+
 fn last_status(h: &Harness) -> crate::crd::ChatReleaseStatus {
     h.server.status_writes().pop().expect("a status write")
 }
@@ -270,10 +287,7 @@ async fn rollback_annotation_moves_all_traffic_in_one_virtualservice_write() {
 async fn promotion_updates_stable_first_returns_traffic_when_it_is_whole_then_drains_the_canary() {
     let v1 = ChatRelease::test("v1");
     let v2 = ChatRelease::test("v2");
-    let at_100 = v2.clone().with_status(canary_status(&v1, &v2, 3, t0()));
-    let mut h = Harness::new(&at_100, t0() + minutes(1));
-    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
-    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    let mut h = running_canary(&v1, &v2, 3, t0() + minutes(1));
 
     h.reconcile().await;
     assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 1);
@@ -333,10 +347,7 @@ async fn promotion_updates_stable_first_returns_traffic_when_it_is_whole_then_dr
 async fn one_analysis_per_interval_even_across_a_restart() {
     let v1 = ChatRelease::test("v1");
     let v2 = ChatRelease::test("v2");
-    let at_5 = v2.clone().with_status(canary_status(&v1, &v2, 0, t0()));
-    let mut h = Harness::new(&at_5, t0() + SignedDuration::from_secs(59));
-    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
-    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    let h = running_canary(&v1, &v2, 0, t0() + SignedDuration::from_secs(59));
 
     h.reconcile().await;
     assert_eq!(
@@ -410,16 +421,14 @@ async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
 async fn a_stale_cached_copy_never_moves_the_weight_back() {
     let v1 = ChatRelease::test("v1");
     let v2 = ChatRelease::test("v2");
-    let at_25 = v2.clone().with_status(canary_status(&v1, &v2, 1, t0()));
-    let mut h = Harness::new(&at_25, t0() + minutes(1));
-    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
-    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    let h = running_canary(&v1, &v2, 1, t0() + minutes(1));
     h.reconcile().await;
     assert_eq!(last_status(&h).canary_weight, 50);
 
     // The watch cache still shows 25% a moment after our own write of 50%.
     h.set_time(t0() + minutes(1) + SignedDuration::from_secs(1));
-    h.reconcile_from_cache(at_25.clone()).await;
+    let at_25 = v2.clone().with_status(canary_status(&v1, &v2, 1, t0()));
+    h.reconcile_from_cache(at_25).await;
     assert_eq!(split(&h.server.virtual_service_writes()[0]), (50, 50));
     assert!(h.server.status_writes().is_empty(), "nothing new to say");
 }
@@ -437,10 +446,7 @@ async fn while_stable_is_promoted_users_with_the_old_stable_cookie_follow_the_sp
     let v1 = ChatRelease::test("v1");
     let mut v2 = ChatRelease::test("v2");
     v2.spec.traffic.sticky_cookie = Some("chat-version".into());
-    let at_100 = v2.clone().with_status(canary_status(&v1, &v2, 3, t0()));
-    let mut h = Harness::new(&at_100, t0() + minutes(1));
-    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
-    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    let mut h = running_canary(&v1, &v2, 3, t0() + minutes(1));
 
     h.reconcile().await;
     assert_eq!(last_status(&h).phase, Phase::Promoting);
@@ -468,10 +474,7 @@ async fn while_stable_is_promoted_users_with_the_old_stable_cookie_follow_the_sp
 async fn each_step_is_an_event_of_its_own_not_a_series_showing_the_first_steps_note() {
     let v1 = ChatRelease::test("v1");
     let v2 = ChatRelease::test("v2");
-    let at_5 = v2.clone().with_status(canary_status(&v1, &v2, 0, t0()));
-    let mut h = Harness::new(&at_5, t0() + minutes(1));
-    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
-    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    let h = running_canary(&v1, &v2, 0, t0() + minutes(1));
 
     let mut advanced = Vec::new();
     for minute in [1, 2] {
@@ -561,10 +564,7 @@ impl crate::metrics::MetricsSource for PanickingMetrics {
 async fn a_panic_while_reconciling_marks_that_release_failed_instead_of_ending_the_process() {
     let v1 = ChatRelease::test("v1");
     let v2 = ChatRelease::test("v2");
-    let at_5 = v2.clone().with_status(canary_status(&v1, &v2, 0, t0()));
-    let mut h = Harness::new(&at_5, t0() + minutes(1));
-    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
-    h.set_deployment(deployment(&v2, Track::Canary, 2, 2));
+    let mut h = running_canary(&v1, &v2, 0, t0() + minutes(1));
     std::sync::Arc::get_mut(&mut h.ctx)
         .expect("the harness holds the only Context")
         .metrics = std::sync::Arc::new(PanickingMetrics);
