@@ -462,9 +462,9 @@ async fn apply_track(
             });
             // Same revision label, other containers: edited by hand (`kubectl set image`). The
             // analysed template must be the one that runs, and the one promoted.
-            let edited = live.as_deref().and_then(workload::live_fingerprint)
-                != Some(workload::fingerprint(&release.spec.template))
-                && live.is_some();
+            let edited = live.as_deref().is_some_and(|d| {
+                workload::live_fingerprint(d) != Some(workload::fingerprint(&release.spec.template))
+            });
             if up_to_date && !edited {
                 return Ok(());
             }
