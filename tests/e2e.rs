@@ -200,7 +200,7 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
         "the canary's error rate is the one that failed: {errors:?}"
     );
     assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v1"));
-    assert!(has_event(&t.events().await, "RolledBack"));
+    t.wait_event("RolledBack", ONE_RECONCILE).await;
 
     let splits = timeline.splits();
     let got_weight = splits.iter().find(|(_, s)| s.canary > 0).map(|(at, _)| *at);
@@ -257,14 +257,7 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
     assert_eq!(replicas_of(&stable), (2, 2));
 
     // The person watching saw it happen, and Ctrl-C ends the watch cleanly.
-    let drained_event = Instant::now();
-    while !has_event(&t.events().await, "CanaryDrained") {
-        assert!(
-            drained_event.elapsed() < ONE_RECONCILE,
-            "no CanaryDrained Event"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    t.wait_event("CanaryDrained", ONE_RECONCILE).await;
     // An Event reaches the watch a moment after it is stored.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_watched_the_rollback(live_view, live_lines).await;
@@ -455,11 +448,7 @@ async fn e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile(
             "{}",
             timeline.describe()
         );
-        let deadline = Instant::now() + ONE_RECONCILE;
-        while !has_event(&t.events().await, "RolledBack") {
-            assert!(Instant::now() < deadline, "no RolledBack Event");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        t.wait_event("RolledBack", ONE_RECONCILE).await;
     })
     .await;
 }
@@ -902,14 +891,12 @@ async fn l_a_canary_whose_pods_stop_being_ready_loses_its_weight_until_they_are_
 
         t.set_pods_ready("canary", false).await;
         let withdrawn_in = t.wait_split(Split::ALL_STABLE, ONE_RECONCILE * 2).await;
-        let release = t.release().await;
-        assert_eq!(
-            (phase(&release), weight(&release)),
-            (Some(Phase::Progressing), 0),
-            "{}",
-            summary(&release)
-        );
-        assert!(has_event(&t.events().await, "CanaryNotReady"));
+        // The routes are written first when traffic leaves the canary; status follows them.
+        t.wait_for("status at weight 0, Progressing", ONE_RECONCILE, |r| {
+            (phase(r), weight(r)) == (Some(Phase::Progressing), 0)
+        })
+        .await;
+        t.wait_event("CanaryNotReady", ONE_RECONCILE).await;
         report(&format!(
             "{}: weight withdrawn {:.1}s after the canary pods stopped being Ready",
             t.test,
@@ -1055,7 +1042,7 @@ async fn n_too_few_requests_hold_then_pause_at_the_progress_deadline_with_the_we
             "paused after only {waited:?}"
         );
         assert_eq!(status.failed_checks, 0, "too few requests is no failure");
-        assert!(has_event(&t.events().await, "AnalysisInconclusive"));
+        t.wait_event("AnalysisInconclusive", ONE_RECONCILE).await;
         caught_up(t, &timeline).await;
         assert_eq!(timeline.canary_weights(), [0, 5], "{}", timeline.describe());
         report(&format!(
@@ -1145,7 +1132,7 @@ async fn p_a_spec_only_the_operator_refuses_is_failed_with_traffic_untouched() {
             .kubectl(&["wait", "--for=condition=Ready=False", &chr, "--timeout=10s"])
             .await;
         assert!(not_ready.status.success(), "kubectl wait: {not_ready:?}");
-        assert!(has_event(&t.events().await, "SpecRejected"));
+        t.wait_event("SpecRejected", ONE_RECONCILE).await;
         t.holds("Failed with all traffic on stable", INTERVAL, |r| {
             phase(r) == Some(Phase::Failed) && weight(r) == 0
         })
@@ -1405,7 +1392,7 @@ async fn u_a_new_template_mid_canary_withdraws_the_old_one_then_rolls_out_after_
             t.apply(&Release::version("v3")).await;
             // v2's traffic leaves in one write; its pods drain before v3's template goes on.
             let withdrawn = t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
-            assert!(has_event(&t.events().await, "CanarySuperseded"));
+            t.wait_event("CanarySuperseded", ONE_RECONCILE).await;
             let canary = t.deployment("canary").await.expect("canary Deployment");
             assert_eq!(
                 image_of(&canary).as_deref(),
@@ -1452,7 +1439,7 @@ async fn v_the_template_set_back_to_stables_withdraws_the_canary_and_retry_resta
             t.apply(&Release::version("v1")).await;
             t.wait_phase(Phase::Stable, ONE_RECONCILE).await;
             t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
-            assert!(has_event(&t.events().await, "CanaryWithdrawn"));
+            t.wait_event("CanaryWithdrawn", ONE_RECONCILE).await;
 
             // v2 again, rolled back by hand, then retried: it goes all the way this time.
             t.apply(&Release::version("v2")).await;

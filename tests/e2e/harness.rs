@@ -853,6 +853,24 @@ impl TestEnv {
         self.spawn_own_prometheus(args).await;
     }
 
+    /// Polls the ChatRelease's Events until one has `reason`: an Event is recorded after the
+    /// writes it reports, so it may trail what a test saw change.
+    pub async fn wait_event(&self, reason: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self
+            .events()
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some(reason))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "no {reason} Event within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Starts it again on the same port with its data folder emptied, as a Prometheus without a
     /// persistent volume comes back from a restart.
     pub async fn restart_own_prometheus_without_its_data(&self) {
