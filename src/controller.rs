@@ -57,6 +57,8 @@ pub struct Context {
     pub default_prometheus: String,
     pub clock: Clock,
     pub observer: Option<Arc<dyn ReconcileObserver>>,
+    /// The generation each of our own Deployment writes produced, until the cache has seen it.
+    written: std::sync::Mutex<std::collections::HashMap<ObjectRef<Deployment>, i64>>,
 }
 
 impl Context {
@@ -85,6 +87,7 @@ impl Context {
                     .unwrap_or_else(|_| Timestamp::now())
             }),
             observer: None,
+            written: Default::default(),
         }
     }
 }
@@ -238,9 +241,11 @@ async fn reconcile_inner(
         desired_revision: workload::revision_of(&release.spec.template),
         desired_image: workload::image_of(&release.spec.template),
         stable: deployment(ctx, &namespace, &name, Track::Stable)
+            .await?
             .as_deref()
             .map(workload::track_state),
         canary: deployment(ctx, &namespace, &name, Track::Canary)
+            .await?
             .as_deref()
             .map(workload::track_state),
         commands: Commands::from_annotations(release.annotations()),
@@ -369,14 +374,52 @@ pub(crate) fn keep_what_track_state_reads(deployment: &mut Deployment) {
     }
 }
 
-fn deployment(
+/// A track's Deployment as the decision may trust it: the cache's copy, unless the cache has
+/// not seen our own last write of it or its status does not yet report on its current spec.
+/// A watch can go quiet for minutes (an API server restarting with a cold watch cache holds
+/// watches until it is ready), and a promotion waiting on stable's rollout would wait with it;
+/// then the Deployment is read from the API server instead.
+async fn deployment(
     ctx: &Context,
     namespace: &str,
     release: &str,
     track: Track,
-) -> Option<Arc<Deployment>> {
-    ctx.deployments
-        .get(&ObjectRef::new(&track.workload_name(release)).within(namespace))
+) -> Result<Option<Arc<Deployment>>, Error> {
+    let key = ObjectRef::new(&track.workload_name(release)).within(namespace);
+    let cached = ctx.deployments.get(&key);
+    let written = ctx.written.lock().unwrap().get(&key).copied();
+    if !cache_may_be_behind(cached.as_deref(), written) {
+        if written.is_some() {
+            ctx.written.lock().unwrap().remove(&key);
+        }
+        return Ok(cached);
+    }
+    let name = track.workload_name(release);
+    let api = Api::<Deployment>::namespaced(ctx.client.clone(), namespace);
+    let mut live = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| Error::kube("read", "Deployment", namespace, &name, e))?;
+    if let Some(live) = live.as_mut() {
+        keep_what_track_state_reads(live);
+    }
+    debug!(deployment = %name, "the Deployment cache is behind; read it from the API server");
+    Ok(live.map(Arc::new))
+}
+
+/// Whether `cached` may miss what the API server already has: our own write (`written`, the
+/// generation it produced) or the Deployment controller's report on the current spec.
+fn cache_may_be_behind(cached: Option<&Deployment>, written: Option<i64>) -> bool {
+    let Some(cached) = cached else {
+        return written.is_some();
+    };
+    let generation = cached.metadata.generation.unwrap_or_default();
+    let observed = cached
+        .status
+        .as_ref()
+        .and_then(|s| s.observed_generation)
+        .unwrap_or_default();
+    written.is_some_and(|w| generation < w) || observed < generation
 }
 
 fn analysis_target(
@@ -451,7 +494,7 @@ async fn apply_track(
 ) -> Result<(), Error> {
     let namespace = release.namespace().unwrap_or_default();
     let name = track.workload_name(&release.name_any());
-    let live = deployment(ctx, &namespace, &release.name_any(), track);
+    let live = deployment(ctx, &namespace, &release.name_any(), track).await?;
     let live_state = live.as_deref().map(workload::track_state);
     match plan {
         TrackPlan::Keep => Ok(()),
@@ -478,7 +521,12 @@ async fn apply_track(
             info!(track = track.as_str(), %revision, replicas, "applying pod template");
             let object =
                 workload::deployment(release, track, &release.spec.template, &revision, replicas);
-            apply(ctx, &namespace, &object).await
+            let written = apply(ctx, &namespace, &object).await?;
+            if let Some(generation) = written.metadata.generation {
+                let key = ObjectRef::new(&name).within(&namespace);
+                ctx.written.lock().unwrap().insert(key, generation);
+            }
+            Ok(())
         }
         TrackPlan::Scale { replicas } => match live_state {
             Some(state) if state.replicas == replicas => Ok(()),
@@ -501,8 +549,8 @@ async fn apply_track(
     }
 }
 
-/// Server-side apply with the operator's one field manager.
-async fn apply<K>(ctx: &Context, namespace: &str, object: &K) -> Result<(), Error>
+/// Server-side apply with the operator's one field manager; the object as the API server now has it.
+async fn apply<K>(ctx: &Context, namespace: &str, object: &K) -> Result<K, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -525,7 +573,6 @@ where
         &Patch::Apply(value),
     )
     .await
-    .map(|_| ())
     .map_err(|e| Error::kube("apply", &K::kind(&()), namespace, &name, e))
 }
 
@@ -631,5 +678,38 @@ async fn publish(ctx: &Context, release: &ChatRelease, warning: bool, reason: &s
     };
     if let Err(error) = ctx.recorder.publish(&event, &release.object_ref(&())).await {
         warn!(%error, reason, "could not record Event");
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::cache_may_be_behind;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use serde_json::json;
+
+    fn cached(generation: i64, observed: i64) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "chat-stable", "generation": generation},
+            "status": {"observedGeneration": observed},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_cache_that_has_seen_our_write_and_its_rollout_is_trusted() {
+        assert!(!cache_may_be_behind(Some(&cached(3, 3)), None));
+        assert!(!cache_may_be_behind(Some(&cached(3, 3)), Some(3)));
+        assert!(!cache_may_be_behind(None, None));
+    }
+
+    #[test]
+    fn a_cache_without_our_last_write_is_behind() {
+        assert!(cache_may_be_behind(Some(&cached(2, 2)), Some(3)));
+        assert!(cache_may_be_behind(None, Some(1)));
+    }
+
+    #[test]
+    fn a_spec_the_deployment_controller_has_not_reported_on_is_read_live() {
+        assert!(cache_may_be_behind(Some(&cached(3, 2)), None));
     }
 }
