@@ -24,13 +24,14 @@ test: unit-test fresh-clone-test e2e
 
 ## Judge, state machine, every scenario in tests/scenarios (and ../shared/scenarios when it
 ## exists), reconciler on a mocked API server, our routes against Istio's CRDs, CLI, chart checks
-## that need no cluster.
-unit-test: $(HELM) $(ISTIO_CRDS)
-	HELM='$(HELM)' ISTIO_CRDS='$(ISTIO_CRDS)' $(CARGO) test --all-targets
+## that need no cluster, our HTTPRoutes against the Gateway API's CRDs.
+unit-test: $(HELM) $(ISTIO_CRDS) $(GATEWAY_API_CRDS)
+	HELM='$(HELM)' ISTIO_CRDS='$(ISTIO_CRDS)' GATEWAY_API_CRDS='$(GATEWAY_API_CRDS)' \
+	  $(CARGO) test --all-targets
 
 ## The unit tests again in a clone of HEAD in an empty folder: nothing may come from outside the
 ## repository (no ../shared), and the README's set-up commands stay `make demo` and `make test`.
-fresh-clone-test: $(HELM) $(ISTIO_CRDS)
+fresh-clone-test: $(HELM) $(ISTIO_CRDS) $(GATEWAY_API_CRDS)
 	@TOOLS_DIR='$(TOOLS_DIR)' MAKE='$(MAKE)' bash tests/fresh_clone.sh
 
 lint:

@@ -7,7 +7,7 @@ use crate::crd::{ChatRelease, ChatReleaseStatus};
 use crate::error::Error;
 use crate::metrics::{AnalysisTarget, MetricsSource};
 use crate::rollout::{self, Decision, Plan, TrackPlan, World};
-use crate::router::{Routes, TrafficRouter};
+use crate::router::{RouterKind, Routers, Routes, TrafficRouter};
 use crate::settings::Settings;
 use crate::workload::{self, Track};
 use futures::{FutureExt, StreamExt};
@@ -50,7 +50,7 @@ pub struct Context {
     /// Deployments the operator owns, kept current by a reflector, without their managed fields
     /// and pod spec (see `keep_what_track_state_reads`).
     pub deployments: Store<Deployment>,
-    pub router: Arc<dyn TrafficRouter>,
+    pub router: Arc<Routers>,
     pub metrics: Arc<dyn MetricsSource>,
     pub recorder: Recorder,
     /// Prometheus address for ChatReleases that name none.
@@ -65,7 +65,7 @@ impl Context {
     pub fn new(
         client: Client,
         deployments: Store<Deployment>,
-        router: Arc<dyn TrafficRouter>,
+        router: Arc<Routers>,
         metrics: Arc<dyn MetricsSource>,
         default_prometheus: String,
     ) -> Self {
@@ -122,13 +122,32 @@ pub async fn run(
     .touched_objects();
     let ctx = Arc::new(ctx_builder(deployments));
     let observer = ctx.observer.clone();
-    Controller::new(releases, watcher::Config::default().any_semantic())
+    let mut controller = Controller::new(releases, watcher::Config::default().any_semantic())
         .owns_stream(deployment_events)
-        .owns(api::<Service>(&client, namespace), owned.clone())
-        .owns(
-            api::<crate::istio::VirtualService>(&client, namespace),
+        .owns(api::<Service>(&client, namespace), owned.clone());
+    // A router whose CRDs the cluster lacks is not watched (a watch of an unknown kind only
+    // fails); a ChatRelease that asks for it gets a RouterUnavailable Event instead.
+    if serves(&client, "networking.istio.io/v1", "virtualservices").await {
+        controller = controller.owns(
+            api::<crate::router::istio::VirtualService>(&client, namespace),
+            owned.clone(),
+        );
+    } else {
+        warn!(
+            "the API server has no VirtualService (networking.istio.io/v1): traffic.istio cannot route"
+        );
+    }
+    if serves(&client, "gateway.networking.k8s.io/v1", "httproutes").await {
+        controller = controller.owns(
+            api::<crate::router::gateway_api::HttpRoute>(&client, namespace),
             owned,
-        )
+        );
+    } else {
+        warn!(
+            "the API server has no HTTPRoute (gateway.networking.k8s.io/v1): traffic.gatewayAPI cannot route"
+        );
+    }
+    controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
@@ -150,6 +169,17 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// Whether the API server serves `plural` in `group_version` (its CRD is installed).
+async fn serves(client: &Client, group_version: &str, plural: &str) -> bool {
+    match client.list_api_group_resources(group_version).await {
+        Ok(list) => list.resources.iter().any(|r| r.name == plural),
+        Err(error) => {
+            debug!(%group_version, %error, "API group not served");
+            false
+        }
+    }
 }
 
 /// One reconcile of one ChatRelease. A panic inside it (a bug, or an input nobody foresaw) is
@@ -235,6 +265,25 @@ async fn reconcile_inner(
             return reject(ctx, release, &status, &problem.to_string(), now).await;
         }
     };
+    if let Err(problem) = ctx.router.check(release) {
+        return reject(ctx, release, &status, &problem.to_string(), now).await;
+    }
+    let router = RouterKind::of(release);
+    let previous_router = match status.router.as_deref() {
+        Some(recorded) => RouterKind::of_status(Some(recorded)),
+        // Nothing routed yet: no router to switch from.
+        None if status.stable_revision.is_none() => router,
+        // Routed before the router was recorded in status: by Istio, the only one then.
+        None => RouterKind::Istio,
+    };
+    if router != previous_router && rollout::canary_in_flight(&status) {
+        let problem = format!(
+            "spec.traffic: the router cannot change from {} to {} while a canary is under way (its routes carry the canary's users); set it back, and change it once the release is Stable",
+            previous_router.as_str(),
+            router.as_str()
+        );
+        return reject(ctx, release, &status, &problem, now).await;
+    }
 
     let world = World {
         generation: release.metadata.generation,
@@ -264,7 +313,10 @@ async fn reconcile_inner(
     } else {
         None
     };
-    let decision = rollout::decide(&settings, &status, &world, observations.as_ref(), now);
+    let mut decision = rollout::decide(&settings, &status, &world, observations.as_ref(), now);
+    // Which router carries the traffic is I/O, not the decision's: it changes only once the
+    // new router's routes are written and the old one's objects are gone.
+    decision.status.router = Some(previous_router.as_str().to_string());
     if decision.action != rollout::Action::None {
         info!(action = ?decision.action, phase = %decision.status.phase, weight = decision.status.canary_weight, message = %decision.status.message, "decided");
     }
@@ -283,7 +335,22 @@ async fn reconcile_inner(
             // The API server refused what the spec asks for: the user must change the spec.
             return reject(ctx, release, &status, &error.to_string(), now).await;
         }
+        Err(error @ Error::RouterUnavailable { .. }) => {
+            publish(ctx, release, true, "RouterUnavailable", &error.to_string()).await;
+            return Err(error);
+        }
         Err(error) => return Err(error),
+    }
+    if router != previous_router {
+        // The new routes exist: only now do the old router's objects go.
+        ctx.router.get(previous_router).remove(release).await?;
+        let note = format!(
+            "traffic now routed by traffic.{}; the objects of traffic.{} are deleted",
+            router.as_str(),
+            previous_router.as_str()
+        );
+        publish(ctx, release, false, "RouterSwitched", &note).await;
+        decision.status.router = Some(router.as_str().to_string());
     }
     if !rollback {
         write_status(ctx, release, &status, &decision.status).await?;

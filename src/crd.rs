@@ -214,17 +214,53 @@ fn string_items(schema: &mut schemars::Schema, max_length: u32, rule: &str, mess
 // Istio's ValidateVirtualService refuses JWT claim routing when the VirtualService is not bound
 // to gateways only ("JWT claim based routing ... is only supported for gateway").
 #[x_kube(validation = kube::core::Rule::new(concat!(
-        "(has(self.istio) && has(self.istio.gateways) && size(self.istio.gateways) > 0",
+        "has(self.gatewayAPI) || (has(self.istio) && has(self.istio.gateways) && size(self.istio.gateways) > 0",
         " && !('mesh' in self.istio.gateways)) || !has(self.canaryMatch)",
         " || self.canaryMatch.all(m, !has(m.headers) || m.headers.all(k, !k.matches(",
         jwt_claim_regex!(),
         ")))"))
     .message("a canaryMatch header @request.auth.claims.<claim> (JWT claim routing) needs \
         traffic.istio.gateways without mesh: Istio routes on JWT claims only at gateways"))]
+// One router per ChatRelease: an Istio VirtualService or a Gateway API HTTPRoute.
+// `istio` defaults to `{}`, so it counts as set when it holds hosts or gateways.
+#[x_kube(validation = kube::core::Rule::new(
+        "!has(self.gatewayAPI) || !has(self.istio) || (!has(self.istio.hosts) && !has(self.istio.gateways))")
+    .message("traffic.istio and traffic.gatewayAPI are two routers: set one of them (neither means istio)"))]
+// HTTPRoute header matches are Exact or RegularExpression on an HTTP header name; Istio's JWT
+// claim pseudo-headers do not exist there.
+#[x_kube(validation = kube::core::Rule::new(
+        "!has(self.gatewayAPI) || !has(self.canaryMatch) \
+         || self.canaryMatch.all(m, !has(m.headers) || m.headers.all(k, k == ':method' || k.matches('^[A-Za-z0-9!#$%&*+.^_|~`\\x27-]+$')))")
+    .message("with traffic.gatewayAPI each canaryMatch header must be an HTTP header name (or \
+        :method): @request.auth.claims routing is Istio's alone"))]
+// The Gateway API ranks a RegularExpression path below every path prefix, the `/` of the split's
+// own rule included (Istio's GAMMA does): a tester route on a path regex would never match.
+#[x_kube(validation = kube::core::Rule::new(
+        "!has(self.gatewayAPI) || !has(self.canaryMatch) \
+         || self.canaryMatch.all(m, !has(m.uri) || !has(m.uri.regex))")
+    .message("with traffic.gatewayAPI a canaryMatch uri takes exact or prefix, not regex: \
+        HTTPRoute implementations rank a path regex below the split's own prefix /, so the \
+        tester route would never match"))]
+// An HTTPRoute path is absolute.
+#[x_kube(validation = kube::core::Rule::new(
+        "!has(self.gatewayAPI) || !has(self.canaryMatch) \
+         || self.canaryMatch.all(m, !has(m.uri) || has(m.uri.regex) \
+              || (has(m.uri.exact) && m.uri.exact.startsWith('/')) \
+              || (has(m.uri.prefix) && m.uri.prefix.startsWith('/')))")
+    .message("with traffic.gatewayAPI a canaryMatch uri exact or prefix must start with \"/\": an \
+        HTTPRoute path is absolute"))]
 pub struct Traffic {
-    /// Istio settings for the VirtualService.
+    /// Istio settings for the VirtualService (the default router).
     #[serde(default)]
     pub istio: IstioTraffic,
+    /// Route through the Gateway API instead of Istio: an HTTPRoute attached to a Gateway
+    /// (north-south) or to the app's Service (GAMMA: the mesh, east-west).
+    #[serde(
+        default,
+        rename = "gatewayAPI",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub gateway_api: Option<GatewayApiTraffic>,
     /// Requests that always go to the canary while one runs (testers, a premium tier).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
@@ -264,6 +300,69 @@ pub struct IstioTraffic {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), transform = gateway_items)]
     pub gateways: Vec<String>,
+}
+
+/// Where an HTTPRoute attaches and which hostnames it answers, as the Gateway API's own fields.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayApiTraffic {
+    /// Gateways (north-south) or the app's Service (`{group: "", kind: Service, name: <name>}`:
+    /// GAMMA, the mesh) the HTTPRoute attaches to.
+    #[schemars(length(min = 1, max = 32))]
+    pub parent_refs: Vec<ParentReference>,
+    /// Hostnames the HTTPRoute answers for. Default: whatever its parents accept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), transform = hostname_items)]
+    pub hostnames: Vec<String>,
+}
+
+/// The Gateway API's ParentReference, with its own limits.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentReference {
+    /// API group of the parent. Default `gateway.networking.k8s.io`; `""` for a Service (GAMMA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = kube::core::Rule::new(
+            r"self == '' || self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')")
+        .message("parentRefs group must be empty (core) or a DNS subdomain"))]
+    pub group: Option<String>,
+    /// Kind of the parent. Default `Gateway`; `Service` for GAMMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$')")
+        .message("parentRefs kind must be a Kubernetes kind such as Gateway or Service"))]
+    pub kind: Option<String>,
+    /// Namespace of the parent. Default: the ChatRelease's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
+        .message("parentRefs namespace must be a DNS label"))]
+    pub namespace: Option<String>,
+    /// Name of the parent.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// A listener of the Gateway (or port name of the Service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = kube::core::Rule::new(
+            r"self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')")
+        .message("parentRefs sectionName must be a DNS subdomain"))]
+    pub section_name: Option<String>,
+    /// Port of the parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+}
+
+/// The Gateway API's Hostname: a DNS name, optionally with a leading `*.`.
+const HOSTNAME_RULE: &str =
+    r"self.matches('^(\\*\\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+const HOSTNAME_MESSAGE: &str = "each of traffic.gatewayAPI.hostnames must be a lower-case DNS \
+    name, optionally starting with *. (no IP address, no port)";
+
+fn hostname_items(schema: &mut schemars::Schema) {
+    string_items(schema, 253, HOSTNAME_RULE, HOSTNAME_MESSAGE);
 }
 
 /// A subset of Istio's HTTPMatchRequest: the parts a tester route needs. Every condition must
@@ -574,6 +673,9 @@ impl std::fmt::Display for Verdict {
 pub struct ChatReleaseStatus {
     #[serde(default)]
     pub phase: Phase,
+    /// The router whose objects carry the traffic now: `istio` or `gatewayAPI` (absent: istio).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<String>,
     #[serde(default)]
     pub canary_weight: i32,
     /// Index into strategy.steps of the weight the canary has; absent before the first step.

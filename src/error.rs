@@ -27,6 +27,14 @@ pub enum Error {
         name: String,
         message: String,
     },
+    /// The router a ChatRelease asks for cannot work on this cluster: its CRDs are not installed.
+    #[error(
+        "traffic.{router} needs {what}, which this cluster's API server does not serve: install it, or route with the other router"
+    )]
+    RouterUnavailable {
+        router: &'static str,
+        what: &'static str,
+    },
     /// An object could not be turned into JSON for an apply.
     #[error("serialising {kind} {name}: {source}")]
     Serialize {
@@ -62,6 +70,7 @@ impl Error {
             Error::Missing(_) => "missing",
             Error::Serialize { .. } => "serialize",
             Error::Panicked { .. } => "panic",
+            Error::RouterUnavailable { .. } => "router-unavailable",
         }
     }
 

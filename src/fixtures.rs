@@ -5,8 +5,8 @@
 use crate::annotations::{LABEL_REVISION, MANAGER};
 use crate::controller::Context;
 use crate::crd::{ChatRelease, ChatReleaseStatus, Phase};
-use crate::istio::IstioRouter;
 use crate::metrics::{AnalysisTarget, BoxFuture, MetricsSource, Observations, TrackSample};
+use crate::router::Routers;
 use crate::workload::{self, Track};
 use http::{Request, Response};
 use jiff::Timestamp;
@@ -264,6 +264,12 @@ pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
                        "reason": "InternalError", "message": "etcdserver: request timed out"}),
             );
         }
+        if method == "DELETE" {
+            return (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+            );
+        }
         (200, answer(uri, body, &stored))
     });
     (client, server)
@@ -365,7 +371,7 @@ impl Harness {
         let mut ctx = Context::new(
             client.clone(),
             store,
-            Arc::new(IstioRouter::new(client)),
+            Arc::new(Routers::new(client)),
             metrics.clone(),
             "http://prometheus.test:9090".into(),
         );

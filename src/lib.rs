@@ -1,6 +1,6 @@
 //! chatrelease-operator: canary releases for LLM chat web apps on Kubernetes.
 //!
-//! The rollout decision (`rollout`, `judge`) is pure; `controller`, `istio` and `prometheus` are
+//! The rollout decision (`rollout`, `judge`) is pure; `controller`, `router` and `prometheus` are
 //! the I/O around it.
 
 pub mod annotations;
@@ -11,11 +11,9 @@ pub mod crd_yaml;
 pub mod error;
 #[cfg(test)]
 mod fixtures;
-pub mod istio;
 pub mod judge;
 pub mod leader;
 pub mod logging;
-pub mod meshsim;
 pub mod metrics;
 pub mod prometheus;
 #[cfg(test)]

@@ -666,3 +666,101 @@ async fn a_rollback_survives_a_failed_reconcile_and_moves_traffic_before_anythin
     assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0));
     assert_eq!(h.stored().status.expect("status").phase, Phase::RolledBack);
 }
+
+/// `release` routed by the Gateway API through the Gateway `gateway-system/public`.
+fn through_gateway(mut release: ChatRelease) -> ChatRelease {
+    release.spec.traffic.gateway_api = Some(crate::crd::GatewayApiTraffic {
+        parent_refs: vec![crate::crd::ParentReference {
+            name: "public".into(),
+            namespace: Some("gateway-system".into()),
+            ..Default::default()
+        }],
+        hostnames: vec!["chat.example.com".into()],
+    });
+    release
+}
+
+fn position(h: &Harness, method: &str, path: &str) -> Option<usize> {
+    h.server.calls().iter().position(|c| c.is(method, path))
+}
+
+#[tokio::test]
+async fn a_gateway_api_release_is_routed_by_an_httproute_and_a_service_per_track_only() {
+    let release = through_gateway(ChatRelease::test("v1"));
+    let h = Harness::new(&release, t0());
+    h.reconcile().await;
+
+    let route = h
+        .server
+        .calls()
+        .into_iter()
+        .find(|c| c.is("PATCH", "/httproutes/lobe-chat?"))
+        .expect("the HTTPRoute is applied");
+    assert!(owner_is_release(&route.body));
+    let primary = &route.body["spec"]["rules"][0];
+    assert_eq!(primary["backendRefs"][0]["name"], "lobe-chat-stable");
+    assert_eq!(primary["backendRefs"][0]["weight"], 100);
+    assert_eq!(primary["backendRefs"][1]["weight"], 0);
+    for service in ["lobe-chat-stable", "lobe-chat-canary"] {
+        assert!(
+            position(&h, "PATCH", &format!("/services/{service}?")).is_some(),
+            "Service {service} is applied"
+        );
+    }
+    assert!(
+        h.server
+            .calls()
+            .iter()
+            .all(|c| !c.uri.contains("virtualservices") && !c.uri.contains("destinationrules")),
+        "nothing of Istio's is written or deleted"
+    );
+    assert_eq!(last_status(&h).router.as_deref(), Some("gatewayAPI"));
+    assert!(!event_reasons(&h).contains(&"RouterSwitched".to_string()));
+}
+
+#[tokio::test]
+async fn the_router_cannot_change_under_a_running_canary() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = through_gateway(ChatRelease::test("v2"));
+    let h = running_canary(&v1, &v2, 1, t0() + minutes(1));
+    h.reconcile().await;
+
+    let status = last_status(&h);
+    assert_eq!(status.phase, Phase::Failed);
+    assert!(
+        status
+            .message
+            .contains("router cannot change from istio to gatewayAPI"),
+        "{}",
+        status.message
+    );
+    assert!(
+        h.server
+            .writes()
+            .iter()
+            .all(|c| c.uri.contains("/status") || c.uri.contains("/events")),
+        "no route or Deployment is written: {:?}",
+        h.server.writes().iter().map(|c| &c.uri).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn a_stable_release_switches_router_writing_the_new_route_before_deleting_the_old() {
+    let v1 = ChatRelease::test("v1");
+    let release = through_gateway(v1.clone()).with_status(settled_status(&v1));
+    let mut h = Harness::new(&release, t0());
+    h.set_deployment(deployment(&v1, Track::Stable, 2, 2));
+    h.set_deployment(deployment(&v1, Track::Canary, 0, 0));
+    h.reconcile().await;
+
+    let route = position(&h, "PATCH", "/httproutes/lobe-chat?").expect("the HTTPRoute");
+    let virtual_service =
+        position(&h, "DELETE", "/virtualservices/lobe-chat").expect("the VirtualService deleted");
+    let destination_rule =
+        position(&h, "DELETE", "/destinationrules/lobe-chat").expect("the DestinationRule deleted");
+    assert!(route < virtual_service && route < destination_rule);
+    let status = last_status(&h);
+    assert_eq!(status.router.as_deref(), Some("gatewayAPI"));
+    assert_eq!(status.phase, Phase::Stable);
+    assert!(event_reasons(&h).contains(&"RouterSwitched".to_string()));
+}

@@ -292,6 +292,15 @@ fn hold_failed(
 }
 
 /// `Failed` is left as soon as the spec can be applied again; carry on from what status says.
+/// Whether a canary is under way (serving, at a gate, or being promoted), a `Failed` one
+/// included: what must not change under it, such as the router.
+pub fn canary_in_flight(status: &ChatReleaseStatus) -> bool {
+    matches!(
+        resumable_phase(status),
+        Phase::Progressing | Phase::Paused | Phase::Promoting
+    )
+}
+
 fn resumable_phase(status: &ChatReleaseStatus) -> Phase {
     if status.phase != Phase::Failed {
         return status.phase;

@@ -20,8 +20,9 @@ mod harness;
 
 use chatrelease::crd::{ChatRelease, Phase, Verdict};
 use harness::{
-    DRAIN_TIMEOUT, INTERVAL, MIN_REQUESTS, NAME, Needs, PROGRESS_DEADLINE, Release, Split,
-    StatusWatch, TestEnv, Timeline, image_of, phase, replicas_of, report, run, summary, weight,
+    DRAIN_TIMEOUT, INTERVAL, MIN_REQUESTS, MetricsText, NAME, Needs, PROGRESS_DEADLINE, Release,
+    Router, Split, StatusWatch, TestEnv, Timeline, image_of, phase, replicas_of, report, run,
+    summary, weight,
 };
 use kube::ResourceExt;
 use serde_json::json;
@@ -111,66 +112,81 @@ fn has_event(events: &[k8s_openapi::api::events::v1::Event], reason: &str) -> bo
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn a_good_canary_goes_5_25_50_100_and_stable_then_runs_it() {
     run("good-canary", Needs::Operator, LIMIT, async |t| {
-        stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
-        t.apply(&Release::version("v2")).await;
-
-        let done = t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
-        t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
-        caught_up(t, &timeline).await;
-        assert_full_rollout(&timeline);
-        let status = done.status.unwrap_or_default();
-        assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v2"));
-        assert_eq!(status.canary_weight, 0);
-
-        // Each step was earned by a passed analysis on enough canary traffic.
-        let passed: Vec<_> = timeline
-            .analyses()
-            .into_iter()
-            .filter(|a| a.verdict == Verdict::Pass)
-            .collect();
-        let weights: Vec<i32> = passed.iter().map(|a| a.weight).collect();
-        assert_eq!(weights, [5, 25, 50, 100], "{}", timeline.describe());
-        report(&format!(
-            "{}: canary requests per analysis window at 5/25/50/100%: {:?}",
-            t.test,
-            passed
-                .iter()
-                .map(|a| a.canary_requests.unwrap_or(0.0))
-                .collect::<Vec<_>>()
-        ));
-        for a in &passed {
-            assert!(
-                a.canary_requests.unwrap_or(0.0) >= MIN_REQUESTS as f64,
-                "{a:?}"
-            );
-        }
-
-        let stable = t
-            .wait_deployment("stable", "2 Ready pods of v2", ONE_RECONCILE, |d| {
-                image_of(d).as_deref() == Some("lobehub/lobe-chat:v2") && replicas_of(d) == (2, 2)
-            })
-            .await;
-        assert_eq!(replicas_of(&stable), (2, 2));
-        // What the API server stores of a template the operator applied is no hand edit.
-        assert!(
-            !has_event(&t.events().await, "PodTemplateRestored"),
-            "an untouched template was taken for a hand edit"
-        );
+        a_good_canary_goes_5_25_50_100_and_stable_then_runs_it_with(t, Router::Istio).await
     })
     .await;
+}
+
+/// (a) through the Gateway API: the same steps, read from the HTTPRoute's backendRef weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn gw_a_good_canary_goes_5_25_50_100_through_an_httproute() {
+    run("gw-good-canary", Needs::Operator, LIMIT, async |t| {
+        a_good_canary_goes_5_25_50_100_and_stable_then_runs_it_with(t, Router::GatewayApi).await
+    })
+    .await;
+}
+
+async fn a_good_canary_goes_5_25_50_100_and_stable_then_runs_it_with(t: &TestEnv, router: Router) {
+    stable_at(t, &Release::version_routed(router, "v1")).await;
+    let timeline = t.timeline();
+    t.apply(&Release::version_routed(router, "v2")).await;
+
+    let done = t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+    t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+    caught_up(t, &timeline).await;
+    assert_full_rollout(&timeline);
+    let status = done.status.unwrap_or_default();
+    assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v2"));
+    assert_eq!(status.canary_weight, 0);
+
+    // Each step was earned by a passed analysis on enough canary traffic.
+    let passed: Vec<_> = timeline
+        .analyses()
+        .into_iter()
+        .filter(|a| a.verdict == Verdict::Pass)
+        .collect();
+    let weights: Vec<i32> = passed.iter().map(|a| a.weight).collect();
+    assert_eq!(weights, [5, 25, 50, 100], "{}", timeline.describe());
+    report(&format!(
+        "{}: canary requests per analysis window at 5/25/50/100%: {:?}",
+        t.test,
+        passed
+            .iter()
+            .map(|a| a.canary_requests.unwrap_or(0.0))
+            .collect::<Vec<_>>()
+    ));
+    for a in &passed {
+        assert!(
+            a.canary_requests.unwrap_or(0.0) >= MIN_REQUESTS as f64,
+            "{a:?}"
+        );
+    }
+
+    let stable = t
+        .wait_deployment("stable", "2 Ready pods of v2", ONE_RECONCILE, |d| {
+            image_of(d).as_deref() == Some("lobehub/lobe-chat:v2") && replicas_of(d) == (2, 2)
+        })
+        .await;
+    assert_eq!(replicas_of(&stable), (2, 2));
+    // What the API server stores of a template the operator applied is no hand edit.
+    assert!(
+        !has_event(&t.events().await, "PodTemplateRestored"),
+        "an untouched template was taken for a hand edit"
+    );
 }
 
 // ----- (b), (c) --------------------------------------------------------------------------------
 
 /// A canary whose pods answer `variable`=0.3 of requests with errors is rolled back while at 5%:
 /// all traffic back on stable in one write, canary pods kept for drainTimeout, then scaled to 0.
-async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
-    stable_at(t, &Release::version("v1")).await;
+async fn a_failing_canary_is_rolled_back(t: &TestEnv, router: Router, variable: &str) {
+    stable_at(t, &Release::version_routed(router, "v1")).await;
     let timeline = t.timeline();
     let live_view = t.watch_status(&[]);
     let live_lines = t.watch_status(&["--timeline"]);
-    t.apply(&Release::version("v2").env(variable, "0.3")).await;
+    t.apply(&Release::version_routed(router, "v2").env(variable, "0.3"))
+        .await;
 
     let rolled_back = t
         .wait_phase(Phase::RolledBack, Duration::from_secs(120))
@@ -217,7 +233,7 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, variable: &str) {
     };
     let held = to - from;
     report(&format!(
-        "{}: bad canary ({variable}=0.3) had weight for {:.1}s before the VirtualService was 100% stable",
+        "{}: bad canary ({variable}=0.3) had weight for {:.1}s before the route was 100% stable",
         t.test,
         held.as_secs_f64()
     ));
@@ -329,7 +345,7 @@ async fn assert_watched_the_rollback(live_view: StatusWatch, live_lines: StatusW
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn b_a_canary_answering_5xx_is_rolled_back_and_drained() {
     run("canary-5xx", Needs::Operator, LIMIT, async |t| {
-        a_failing_canary_is_rolled_back(t, SIM_ERROR_RATE).await
+        a_failing_canary_is_rolled_back(t, Router::Istio, SIM_ERROR_RATE).await
     })
     .await;
 }
@@ -338,7 +354,25 @@ async fn b_a_canary_answering_5xx_is_rolled_back_and_drained() {
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn c_a_canary_with_provider_errors_47x_is_rolled_back() {
     run("canary-47x", Needs::Operator, LIMIT, async |t| {
-        a_failing_canary_is_rolled_back(t, SIM_PROVIDER_ERROR_RATE).await
+        a_failing_canary_is_rolled_back(t, Router::Istio, SIM_PROVIDER_ERROR_RATE).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn gw_b_a_canary_answering_5xx_is_rolled_back_in_one_httproute_write() {
+    run("gw-canary-5xx", Needs::Operator, LIMIT, async |t| {
+        a_failing_canary_is_rolled_back(t, Router::GatewayApi, SIM_ERROR_RATE).await
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn gw_c_a_canary_with_provider_errors_47x_is_rolled_back_through_an_httproute() {
+    run("gw-canary-47x", Needs::Operator, LIMIT, async |t| {
+        a_failing_canary_is_rolled_back(t, Router::GatewayApi, SIM_PROVIDER_ERROR_RATE).await
     })
     .await;
 }
@@ -414,43 +448,73 @@ async fn d_a_provider_outage_on_both_tracks_holds_without_rollback_then_goes_on(
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile() {
     run("rollback-annotation", Needs::Operator, LIMIT, async |t| {
-        stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
-        t.apply(&Release::version("v2")).await;
-        t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
-
-        t.annotate("chatrelease.io/rollback", Some("true")).await;
-        let took = t
-            .wait_split(Split::ALL_STABLE, Duration::from_secs(15))
-            .await;
-        report(&format!(
-            "{}: VirtualService at 100% stable {:.2}s after the annotation",
-            t.test,
-            took.as_secs_f64()
-        ));
-        assert!(took <= ONE_RECONCILE, "took {took:?}");
-
-        let r = t
-            .wait_for(
-                "phase RolledBack with the annotation removed",
-                ONE_RECONCILE,
-                |r| {
-                    phase(r) == Some(Phase::RolledBack)
-                        && !r.annotations().contains_key("chatrelease.io/rollback")
-                },
-            )
-            .await;
-        assert_eq!(weight(&r), 0);
-        caught_up(t, &timeline).await;
-        assert_eq!(
-            timeline.canary_weights(),
-            [0, 5, 25, 0],
-            "{}",
-            timeline.describe()
-        );
-        t.wait_event("RolledBack", ONE_RECONCILE).await;
+        e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile_with(
+            t,
+            Router::Istio,
+        )
+        .await
     })
     .await;
+}
+
+/// (e) through the Gateway API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn gw_e_the_rollback_annotation_is_one_httproute_write() {
+    run(
+        "gw-rollback-annotation",
+        Needs::Operator,
+        LIMIT,
+        async |t| {
+            e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile_with(
+                t,
+                Router::GatewayApi,
+            )
+            .await
+        },
+    )
+    .await;
+}
+
+async fn e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile_with(
+    t: &TestEnv,
+    router: Router,
+) {
+    stable_at(t, &Release::version_routed(router, "v1")).await;
+    let timeline = t.timeline();
+    t.apply(&Release::version_routed(router, "v2")).await;
+    t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+
+    t.annotate("chatrelease.io/rollback", Some("true")).await;
+    let took = t
+        .wait_split(Split::ALL_STABLE, Duration::from_secs(15))
+        .await;
+    report(&format!(
+        "{}: VirtualService at 100% stable {:.2}s after the annotation",
+        t.test,
+        took.as_secs_f64()
+    ));
+    assert!(took <= ONE_RECONCILE, "took {took:?}");
+
+    let r = t
+        .wait_for(
+            "phase RolledBack with the annotation removed",
+            ONE_RECONCILE,
+            |r| {
+                phase(r) == Some(Phase::RolledBack)
+                    && !r.annotations().contains_key("chatrelease.io/rollback")
+            },
+        )
+        .await;
+    assert_eq!(weight(&r), 0);
+    caught_up(t, &timeline).await;
+    assert_eq!(
+        timeline.canary_weights(),
+        [0, 5, 25, 0],
+        "{}",
+        timeline.describe()
+    );
+    t.wait_event("RolledBack", ONE_RECONCILE).await;
 }
 
 // ----- (f) -------------------------------------------------------------------------------------
@@ -459,54 +523,73 @@ async fn e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile(
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote() {
     run("manual-gate", Needs::Operator, LIMIT, async |t| {
-        stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
-        t.apply(&Release::version("v2").manual_gates(&[50])).await;
+        f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote_with(t, Router::Istio).await
+    })
+    .await;
+}
 
-        let waiting = t
-            .wait_for("Paused at 25", TO_25, |r| {
-                phase(r) == Some(Phase::Paused) && weight(r) == 25
-            })
-            .await;
-        let message = waiting.status.clone().unwrap_or_default().message;
-        assert!(message.contains("manual gate"), "{message}");
-        // Through at least one more analysis, it keeps waiting.
-        t.holds("Paused at 25", INTERVAL + Duration::from_secs(3), |r| {
+/// (f) through the Gateway API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn gw_f_a_manual_gate_waits_at_25_on_the_httproute() {
+    run("gw-manual-gate", Needs::Operator, LIMIT, async |t| {
+        f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote_with(t, Router::GatewayApi)
+            .await
+    })
+    .await;
+}
+
+async fn f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote_with(
+    t: &TestEnv,
+    router: Router,
+) {
+    stable_at(t, &Release::version_routed(router, "v1")).await;
+    let timeline = t.timeline();
+    t.apply(&Release::version_routed(router, "v2").manual_gates(&[50]))
+        .await;
+
+    let waiting = t
+        .wait_for("Paused at 25", TO_25, |r| {
             phase(r) == Some(Phase::Paused) && weight(r) == 25
         })
         .await;
-        assert_eq!(
-            t.split().await,
-            Some(Split {
-                stable: 75,
-                canary: 25
-            })
-        );
-
-        let out = t.kubectl_chatrelease(&["promote", NAME]).await;
-        assert!(
-            out.status.success(),
-            "kubectl-chatrelease promote failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        t.wait_for("weight 50 after promote", ONE_RECONCILE, |r| {
-            weight(r) == 50
-        })
-        .await;
-        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
-        let r = t.release().await;
-        assert!(!r.annotations().contains_key("chatrelease.io/promote"));
-        caught_up(t, &timeline).await;
-        assert_eq!(
-            timeline.canary_weights(),
-            FULL_ROLLOUT,
-            "{}",
-            timeline.describe()
-        );
-        assert!(has_event(&t.events().await, "WaitingAtGate"));
+    let message = waiting.status.clone().unwrap_or_default().message;
+    assert!(message.contains("manual gate"), "{message}");
+    // Through at least one more analysis, it keeps waiting.
+    t.holds("Paused at 25", INTERVAL + Duration::from_secs(3), |r| {
+        phase(r) == Some(Phase::Paused) && weight(r) == 25
     })
     .await;
+    assert_eq!(
+        t.split().await,
+        Some(Split {
+            stable: 75,
+            canary: 25
+        })
+    );
+
+    let out = t.kubectl_chatrelease(&["promote", NAME]).await;
+    assert!(
+        out.status.success(),
+        "kubectl-chatrelease promote failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.wait_for("weight 50 after promote", ONE_RECONCILE, |r| {
+        weight(r) == 50
+    })
+    .await;
+    t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+    let r = t.release().await;
+    assert!(!r.annotations().contains_key("chatrelease.io/promote"));
+    caught_up(t, &timeline).await;
+    assert_eq!(
+        timeline.canary_weights(),
+        FULL_ROLLOUT,
+        "{}",
+        timeline.describe()
+    );
+    assert!(has_event(&t.events().await, "WaitingAtGate"));
 }
 
 // ----- (g) -------------------------------------------------------------------------------------
@@ -516,7 +599,7 @@ async fn f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote() {
 async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field() {
     run("invalid-specs", Needs::Namespace, LIMIT, async |t| {
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit, &str, &str); 20] = [
+        let cases: [(&str, Edit, &str, &str); 26] = [
             (
                 "steps not ascending",
                 |m| m["spec"]["strategy"]["steps"] = json!([25, 5, 100]),
@@ -639,6 +722,65 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
                 |m| m["spec"]["traffic"] = json!({"stickyCookie": "chat version"}),
                 "spec.traffic.stickyCookie",
                 "cookie name",
+            ),
+            (
+                "both routers",
+                |m| {
+                    m["spec"]["traffic"] = json!({
+                        "istio": {"hosts": ["chat.example.com"]},
+                        "gatewayAPI": {"parentRefs": [{"name": "public"}]},
+                    })
+                },
+                "spec.traffic",
+                "set one of them",
+            ),
+            (
+                "a Gateway API route attached to nothing",
+                |m| m["spec"]["traffic"] = json!({"gatewayAPI": {"parentRefs": []}}),
+                "spec.traffic.gatewayAPI.parentRefs",
+                "at least 1",
+            ),
+            (
+                "a hostname with a port",
+                |m| {
+                    m["spec"]["traffic"] = json!({"gatewayAPI": {
+                        "parentRefs": [{"name": "public"}], "hostnames": ["chat.example.com:443"]}})
+                },
+                "spec.traffic.gatewayAPI.hostnames[0]",
+                "lower-case DNS name",
+            ),
+            (
+                "a JWT claim route through the Gateway API",
+                |m| {
+                    m["spec"]["traffic"] = json!({
+                        "gatewayAPI": {"parentRefs": [{"name": "public"}]},
+                        "canaryMatch": [{"headers": {"@request.auth.claims.group": {"exact": "beta"}}}],
+                    })
+                },
+                "spec.traffic",
+                "Istio's alone",
+            ),
+            (
+                "a relative path through the Gateway API",
+                |m| {
+                    m["spec"]["traffic"] = json!({
+                        "gatewayAPI": {"parentRefs": [{"name": "public"}]},
+                        "canaryMatch": [{"uri": {"prefix": "beta"}}],
+                    })
+                },
+                "spec.traffic",
+                "must start with \"/\"",
+            ),
+            (
+                "a path regex tester route through the Gateway API",
+                |m| {
+                    m["spec"]["traffic"] = json!({
+                        "gatewayAPI": {"parentRefs": [{"name": "public"}]},
+                        "canaryMatch": [{"uri": {"regex": "/beta/.*"}}],
+                    })
+                },
+                "spec.traffic",
+                "never match",
             ),
         ];
         for (case, edit, field, says) in cases {
@@ -935,7 +1077,7 @@ async fn l_a_canary_whose_pods_stop_being_ready_loses_its_weight_until_they_are_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn m_a_virtualservice_or_deployment_edited_by_hand_is_put_back() {
-    use chatrelease::istio::{PRIMARY_ROUTE, VirtualService};
+    use chatrelease::router::istio::{PRIMARY_ROUTE, VirtualService};
     use k8s_openapi::api::apps::v1::Deployment;
     use kube::api::{Api, Patch, PatchParams, PostParams};
     run("hand-edits", Needs::Operator, LONG_LIMIT, async |t| {
@@ -1201,7 +1343,7 @@ async fn q_pause_holds_the_weight_without_analysis_and_resume_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn r_deleting_a_chatrelease_mid_canary_removes_everything_it_made() {
-    use chatrelease::istio::{DestinationRule, VirtualService};
+    use chatrelease::router::istio::{DestinationRule, VirtualService};
     use k8s_openapi::api::core::v1::Service;
     use kube::api::{Api, DeleteParams};
     run("deletion", Needs::Operator, LIMIT, async |t| {
@@ -1497,32 +1639,448 @@ async fn w_prometheus_back_without_its_data_never_judges_a_tracks_lifetime() {
             t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
             caught_up(t, &timeline).await;
             assert_full_rollout(&timeline);
-            // The simulator sends 100 requests a second: one 10 s window holds about 1,000 in all.
-            // A track's lifetime (every request since its pods started) would be several times that.
-            let window_most = 1.5 * 100.0 * INTERVAL.as_secs_f64();
-            let after: Vec<_> = timeline.statuses()[restarted_at..]
-                .iter()
-                .filter_map(|s| s.analysis.clone())
-                .collect();
-            assert!(!after.is_empty(), "{}", timeline.describe());
-            for a in &after {
-                let seen = a.canary_requests.unwrap_or(0.0) + a.stable_requests.unwrap_or(0.0);
-                assert!(
-                    seen <= window_most,
-                    "an analysis after the data loss counted {seen} requests, more than a window \
-                 holds ({window_most}):\n{}",
-                    timeline.describe()
-                );
-            }
-            report(&format!(
-                "{}: requests per analysis after Prometheus lost its data: {:?}",
-                t.test,
-                after
-                    .iter()
-                    .map(|a| a.canary_requests.unwrap_or(0.0) + a.stable_requests.unwrap_or(0.0))
-                    .collect::<Vec<_>>()
-            ));
+            assert_each_analysis_counted_one_window(t, &timeline, restarted_at, "the data loss");
         },
     )
+    .await;
+}
+
+// ----- (x): killed while Promoting ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn x_an_operator_killed_while_promoting_keeps_traffic_on_the_canary_and_finishes() {
+    run(
+        "operator-kill-promoting",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            stable_at(t, &Release::version("v1")).await;
+            let timeline = t.timeline();
+            t.apply(&Release::version("v2")).await;
+            t.wait_for("weight 50", TO_SUCCEEDED, |r| weight(r) == 50)
+                .await;
+            // A pod quota at what runs now holds the promotion: stable's new pods cannot be made,
+            // so the operator waits in Promoting with all traffic on the canary.
+            let pods = t
+                .kubectl(&["get", "pods", "--no-headers", "-o", "name"])
+                .await;
+            let count = stdout(&pods).lines().count().to_string();
+            let quota = t
+                .kubectl(&[
+                    "create",
+                    "quota",
+                    "pods-now",
+                    &format!("--hard=pods={count}"),
+                ])
+                .await;
+            assert!(quota.status.success(), "{quota:?}");
+            t.wait_for("Promoting at 100%", TO_25, |r| {
+                phase(r) == Some(Phase::Promoting) && weight(r) == 100
+            })
+            .await;
+
+            t.kill_operator();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            t.start_operator();
+            t.holds(
+                "still Promoting at 100% while stable's pods cannot be made",
+                INTERVAL,
+                |r| phase(r) == Some(Phase::Promoting) && weight(r) == 100,
+            )
+            .await;
+            assert_eq!(
+                t.split().await,
+                Some(Split {
+                    stable: 0,
+                    canary: 100
+                }),
+                "users stay on the canary, the only track running the new version"
+            );
+
+            let deleted = t.kubectl(&["delete", "quota", "pods-now"]).await;
+            assert!(deleted.status.success(), "{deleted:?}");
+            // The ReplicaSet controller backs off after refused creations; a change to the
+            // ReplicaSets makes it look again at once, as a person fixing a quota would see.
+            let nudged = t
+                .kubectl(&[
+                    "annotate",
+                    "rs",
+                    "--all",
+                    "--overwrite",
+                    "e2e.chatrelease.io/quota=gone",
+                ])
+                .await;
+            assert!(nudged.status.success(), "{nudged:?}");
+            t.wait_phase(Phase::Succeeded, TO_25).await;
+            caught_up(t, &timeline).await;
+            assert_full_rollout(&timeline);
+            let promoting: Vec<_> = t
+                .events()
+                .await
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("Promoting"))
+                .collect();
+            assert_eq!(
+                promoting.len(),
+                1,
+                "the restart promoted again: {promoting:?}"
+            );
+        },
+    )
+    .await;
+}
+
+// ----- (y): the API server restarted mid-rollout --------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn y_an_api_server_restarted_mid_rollout_holds_the_weight_then_the_rollout_goes_on() {
+    run(
+        "api-server-restart",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            // This test's operator talks to an API server of its own on the cluster's etcd.
+            t.kill_operator();
+            t.start_own_api_server().await;
+            t.start_operator();
+            stable_at(t, &Release::version("v1")).await;
+            let timeline = t.timeline();
+            t.apply(&Release::version("v2")).await;
+            t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+
+            t.stop_own_api_server().await;
+            // Gone past the moment the next analysis was due: the operator can neither read nor
+            // write, and nothing moves; it must not exit either.
+            t.holds(
+                "at 25% while the API server is down",
+                INTERVAL + Duration::from_secs(5),
+                |r| weight(r) == 25,
+            )
+            .await;
+            assert_eq!(
+                t.split().await,
+                Some(Split {
+                    stable: 75,
+                    canary: 25
+                })
+            );
+            t.restart_own_api_server().await;
+
+            t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+            caught_up(t, &timeline).await;
+            assert_full_rollout(&timeline);
+            let started: Vec<_> = t
+                .events()
+                .await
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("CanaryStarted"))
+                .collect();
+            assert_eq!(started.len(), 1, "the canary was started over: {started:?}");
+        },
+    )
+    .await;
+}
+
+/// Every analysis in `timeline` from status `from` on counted at most one window's requests:
+/// the simulator sends 100 a second, so one 10 s window holds about 1,000 in all, and a track's
+/// lifetime (every request since its pods started) several times that.
+fn assert_each_analysis_counted_one_window(
+    t: &TestEnv,
+    timeline: &Timeline,
+    from: usize,
+    since: &str,
+) {
+    let window_most = 1.5 * f64::from(harness::MESHSIM_RPS) * INTERVAL.as_secs_f64();
+    let counted: Vec<f64> = timeline.statuses()[from..]
+        .iter()
+        .filter_map(|s| s.analysis.as_ref())
+        .map(|a| a.canary_requests.unwrap_or(0.0) + a.stable_requests.unwrap_or(0.0))
+        .collect();
+    assert!(
+        !counted.is_empty(),
+        "no analysis after {since}:\n{}",
+        timeline.describe()
+    );
+    for seen in &counted {
+        assert!(
+            *seen <= window_most,
+            "an analysis after {since} counted {seen} requests, more than a window holds \
+             ({window_most}):\n{}",
+            timeline.describe()
+        );
+    }
+    report(&format!(
+        "{}: requests per analysis after {since}: {counted:?}",
+        t.test
+    ));
+}
+
+// ----- (z): testers and sticky users with real traffic --------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways() {
+    run(
+        "testers-and-sticky",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways_with(
+                t,
+                Router::Istio,
+            )
+            .await
+        },
+    )
+    .await;
+}
+
+/// (z) through the Gateway API: cookie header matches and set-cookie filters on the backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn gw_z_testers_and_sticky_users_through_an_httproute() {
+    run(
+        "gw-testers-and-sticky",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways_with(
+                t,
+                Router::GatewayApi,
+            )
+            .await
+        },
+    )
+    .await;
+}
+
+async fn z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways_with(
+    t: &TestEnv,
+    router: Router,
+) {
+    let version = |tag: &str| Release::version_routed(router, tag).testers_and_sticky_users();
+    stable_at(t, &version("v1")).await;
+    let timeline = t.timeline();
+    t.apply(&version("v2")).await;
+    t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+
+    // Testers first, then each version's cookie holders, then everyone else by weight.
+    let names = t.route_names().await;
+    let testers = match router {
+        Router::Istio => "canary-match-0",
+        Router::GatewayApi => "canary-match",
+    };
+    assert_eq!(
+        names,
+        [testers, "sticky-canary", "sticky-stable", "primary"],
+        "route order"
+    );
+    // Give the mesh a moment to route by the routes just read.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let at_5 = t.meshsim_metrics().await;
+
+    // The canary earns its steps on the users it pinned and the new ones who arrive.
+    t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+    let before_rollback = t.meshsim_metrics().await;
+    t.annotate("chatrelease.io/rollback", Some("true")).await;
+    t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rolled_back = t.meshsim_metrics().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let later = t.meshsim_metrics().await;
+
+    let ns = t.namespace.as_str();
+    let stable = format!("{NAME}-stable");
+    let canary = format!("{NAME}-canary");
+    let requests = |m: &MetricsText, user: &str, workload: &str| {
+        m.sum(
+            "meshsim_user_requests_total",
+            &[
+                ("namespace", ns),
+                ("route", NAME),
+                ("route_kind", router.route_kind()),
+                ("user", user),
+                ("workload", workload),
+            ],
+        )
+    };
+    // Changes of version by regular users who held the cookie of the version they left
+    // (testers follow their route, not a cookie).
+    // Regular users who held the cookie of the version they left (testers follow their
+    // route, not a cookie).
+    let changes = |m: &MetricsText, from: &str, to: &str| {
+        m.sum(
+            "meshsim_version_changes_total",
+            &[
+                ("namespace", ns),
+                ("route", NAME),
+                ("route_kind", router.route_kind()),
+                ("from", from),
+                ("to", to),
+                ("pinned", "true"),
+            ],
+        )
+    };
+    let during = |f: &dyn Fn(&MetricsText) -> f64| f(&before_rollback) - f(&at_5);
+
+    let testers_on_canary = during(&|m| requests(m, "tester", &canary));
+    let testers_on_stable = during(&|m| requests(m, "tester", &stable));
+    assert!(
+        testers_on_canary > 0.0,
+        "testers sent nothing to the canary"
+    );
+    assert_eq!(
+        testers_on_stable, 0.0,
+        "a tester reached stable while the canary ran"
+    );
+    assert!(
+        during(&|m| requests(m, "regular", &canary)) > 0.0,
+        "no regular user reached the canary"
+    );
+    assert_eq!(
+        during(&|m| changes(m, &stable, &canary)),
+        0.0,
+        "users pinned to stable were moved to the canary"
+    );
+    assert_eq!(
+        during(&|m| changes(m, &canary, &stable)),
+        0.0,
+        "users pinned to the canary were moved to stable while it ran"
+    );
+
+    // After the rollback nobody reaches the canary, and its cookie holders are on stable.
+    assert_eq!(
+        requests(&later, "tester", &canary) - requests(&rolled_back, "tester", &canary),
+        0.0,
+        "a tester reached the rolled-back canary"
+    );
+    assert_eq!(
+        requests(&later, "regular", &canary) - requests(&rolled_back, "regular", &canary),
+        0.0,
+        "a user reached the rolled-back canary"
+    );
+    let moved = changes(&later, &canary, &stable) - changes(&before_rollback, &canary, &stable);
+    assert!(moved > 0.0, "no canary cookie holder came back to stable");
+    report(&format!(
+        "{}: testers on the canary {testers_on_canary}, on stable {testers_on_stable}; \
+             canary cookie holders moved to stable by the rollback: {moved}",
+        t.test
+    ));
+    caught_up(t, &timeline).await;
+    assert_eq!(
+        timeline.canary_weights(),
+        [0, 5, 25, 0],
+        "{}",
+        timeline.describe()
+    );
+}
+
+// ----- (za): a scrape gap mid-rollout ----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn za_a_scrape_gap_mid_rollout_never_counts_a_tracks_lifetime() {
+    run("scrape-gap", Needs::Operator, LONG_LIMIT, async |t| {
+        stable_at(t, &Release::version("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&Release::version("v2")).await;
+        t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
+        // Long enough that both tracks' counters hold far more than one window's requests.
+        tokio::time::sleep(INTERVAL).await;
+        // Five of Prometheus's 2 s scrapes fail: every series gets a stale marker, and one
+        // analysis's window starts inside the gap whatever its phase.
+        t.fail_scrapes(10).await;
+        assert_eq!(t.meshsim_metrics_status().await, Some(503), "the gap began");
+        let gap_at = timeline.statuses().len();
+
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        caught_up(t, &timeline).await;
+        assert_full_rollout(&timeline);
+        assert_each_analysis_counted_one_window(t, &timeline, gap_at, "the scrape gap");
+    })
+    .await;
+}
+
+// ----- (gw-s): switching router -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn gw_s_the_router_switches_only_while_stable_and_removes_the_old_routes_after_the_new() {
+    use chatrelease::router::gateway_api::HttpRoute;
+    use chatrelease::router::istio::{DestinationRule, VirtualService};
+    use k8s_openapi::api::core::v1::Service;
+    run("switch-router", Needs::Operator, LONG_LIMIT, async |t| {
+        let routes = kube::Api::<HttpRoute>::namespaced(t.client.clone(), &t.namespace);
+        let virtual_services =
+            kube::Api::<VirtualService>::namespaced(t.client.clone(), &t.namespace);
+        let destination_rules =
+            kube::Api::<DestinationRule>::namespaced(t.client.clone(), &t.namespace);
+        let services = kube::Api::<Service>::namespaced(t.client.clone(), &t.namespace);
+        let exists = async |found: kube::Result<Option<()>>| found.expect("reading").is_some();
+        let istio = |tag: &str| Release::version_routed(Router::Istio, tag);
+        let gateway = |tag: &str| Release::version_routed(Router::GatewayApi, tag);
+
+        // Stable on Istio, then the same version through the Gateway API.
+        stable_at(t, &istio("v1")).await;
+        t.apply(&gateway("v1")).await;
+        t.wait_event("RouterSwitched", Duration::from_secs(15))
+            .await;
+        assert!(exists(routes.get_opt(NAME).await.map(|r| r.map(|_| ()))).await);
+        for track in ["stable", "canary"] {
+            let name = format!("{NAME}-{track}");
+            assert!(exists(services.get_opt(&name).await.map(|s| s.map(|_| ()))).await);
+        }
+        assert!(!exists(virtual_services.get_opt(NAME).await.map(|r| r.map(|_| ()))).await);
+        assert!(!exists(destination_rules.get_opt(NAME).await.map(|r| r.map(|_| ()))).await);
+        assert_eq!(t.split().await, Some(Split::ALL_STABLE));
+        let release = t.release().await;
+        assert_eq!(
+            release.status.unwrap_or_default().router.as_deref(),
+            Some("gatewayAPI")
+        );
+
+        // A canary through the HTTPRoute; asking for Istio under it is refused, traffic stays.
+        let timeline = t.timeline();
+        t.apply(&gateway("v2")).await;
+        t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+        t.apply(&istio("v2")).await;
+        let refused = t
+            .wait_phase(Phase::Failed, ONE_RECONCILE + Duration::from_secs(5))
+            .await;
+        let message = refused.status.unwrap_or_default().message;
+        assert!(
+            message.contains("router cannot change from gatewayAPI to istio"),
+            "{message}"
+        );
+        assert!(!exists(virtual_services.get_opt(NAME).await.map(|r| r.map(|_| ()))).await);
+        assert_eq!(t.split().await.map(|s| s.canary), Some(5));
+
+        // Set back, the canary goes on through the HTTPRoute to the end.
+        t.apply(&gateway("v2")).await;
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        caught_up(t, &timeline).await;
+        assert_full_rollout(&timeline);
+
+        // Stable again: back to Istio, and the Gateway API's objects go.
+        t.apply(&istio("v2")).await;
+        t.wait_for("routed by istio", Duration::from_secs(15), |r| {
+            r.status.as_ref().and_then(|s| s.router.as_deref()) == Some("istio")
+        })
+        .await;
+        assert!(exists(virtual_services.get_opt(NAME).await.map(|r| r.map(|_| ()))).await);
+        assert!(!exists(routes.get_opt(NAME).await.map(|r| r.map(|_| ()))).await);
+        assert!(
+            !exists(
+                services
+                    .get_opt(&format!("{NAME}-canary"))
+                    .await
+                    .map(|s| s.map(|_| ()))
+            )
+            .await
+        );
+        assert_eq!(t.split().await, Some(Split::ALL_STABLE));
+    })
     .await;
 }

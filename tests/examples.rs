@@ -3,6 +3,7 @@
 //! would be dropped by the API server and silently fall back to a default).
 
 use chatrelease::crd::ChatRelease;
+use chatrelease::router::gateway_api;
 use chatrelease::settings::Settings;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use serde::Deserialize;
@@ -86,6 +87,10 @@ fn there_are_examples() {
         names.contains(&"lobe-chat-with-backend.yaml".to_string()),
         "{names:?}"
     );
+    assert!(
+        names.contains(&"lobe-chat-gateway-api.yaml".to_string()),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -102,6 +107,12 @@ fn every_example_document_is_a_valid_object_and_every_chatrelease_is_accepted() 
                     );
                     if let Err(e) = Settings::from_spec(&release.spec) {
                         panic!("{what}: the operator refuses it: {e}");
+                    }
+                    if let Some(gateway) = &release.spec.traffic.gateway_api {
+                        let attachment = gateway_api::Attachment::from(gateway);
+                        if let Err(e) = gateway_api::check(&release, &attachment) {
+                            panic!("{what}: the Gateway API router refuses it: {e}");
+                        }
                     }
                     releases += 1;
                 }

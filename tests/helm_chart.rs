@@ -659,18 +659,19 @@ fn the_roles_have_no_wildcard_and_no_access_to_secrets() {
 #[test]
 #[ignore = "needs Helm: make chart-lint"]
 fn the_roles_grant_exactly_the_calls_the_operator_makes() {
-    // Read from src/controller.rs, src/istio.rs, src/leader.rs (kube-lease-manager) and kube's
+    // Read from src/controller.rs, src/router/, src/leader.rs (kube-lease-manager) and kube's
     // event Recorder; proven sufficient by
     // api_server::the_operator_rolls_out_and_back_under_the_charts_rbac. A change here is a
     // change of what users grant: say why in the chart's README.
     let expected = [
         "ClusterRole chatrelease.io/chatreleases: get, list, watch, patch",
         "ClusterRole chatrelease.io/chatreleases/status: patch",
-        "ClusterRole apps/deployments: list, watch, create, patch",
+        "ClusterRole apps/deployments: get, list, watch, create, patch",
         "ClusterRole apps/deployments/scale: patch",
-        "ClusterRole /services: list, watch, create, patch",
-        "ClusterRole networking.istio.io/virtualservices: list, watch, create, patch",
-        "ClusterRole networking.istio.io/destinationrules: create, patch",
+        "ClusterRole /services: list, watch, create, patch, delete",
+        "ClusterRole networking.istio.io/virtualservices: list, watch, create, patch, delete",
+        "ClusterRole networking.istio.io/destinationrules: create, patch, delete",
+        "ClusterRole gateway.networking.k8s.io/httproutes: list, watch, create, patch, delete",
         "ClusterRole events.k8s.io/events: create, patch",
         "Role coordination.k8s.io/leases: create",
         "Role coordination.k8s.io/leases[chatrelease-chatrelease-operator]: get, patch",
@@ -1402,7 +1403,7 @@ mod api_server {
             .as_array()
             .unwrap()
             .iter()
-            .find(|r| r["name"] == chatrelease::istio::PRIMARY_ROUTE)
+            .find(|r| r["name"] == chatrelease::router::istio::PRIMARY_ROUTE)
             .expect("the weighted route");
         let weights: Vec<(String, i64)> = primary["route"]
             .as_array()

@@ -1,9 +1,9 @@
 //! `chatrelease-operator run` runs the controller; `chatrelease-operator crd` prints the CRD.
 
 use chatrelease::controller::{self, Context};
-use chatrelease::istio::IstioRouter;
 use chatrelease::leader::{LeaderElectionArgs, Leadership, shutdown_signal};
 use chatrelease::prometheus::PrometheusSource;
+use chatrelease::router::Routers;
 use chatrelease::telemetry::{MetricsServer, Readiness, Telemetry};
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -114,7 +114,7 @@ async fn run(args: RunArgs) -> ExitCode {
     tokio::spawn(readiness.ready_when_api_answers(client.clone()));
     tokio::spawn(telemetry.clone().follow_leadership(leadership.subscribe()));
 
-    let router = Arc::new(IstioRouter::new(client.clone()));
+    let router = Arc::new(Routers::new(client.clone()));
     let metrics = Arc::new(
         PrometheusSource::new(args.prometheus_timeout)
             .with_query_observer(telemetry.query_observer()),

@@ -23,6 +23,12 @@ ETCD_VERSION ?= v3.6.16
 # the Go module proxy when this was written. The API server validates every route we write against
 # them, and the unit tests check our objects against the same file.
 ISTIO_VERSION ?= v1.32.0
+# The Gateway API's standard-channel CRDs (HTTPRoute, Gateway, GatewayClass, ReferenceGrant and
+# the rest of the channel) from the sigs.k8s.io/gateway-api Go module (config/crd/standard), with
+# their CEL rules: the API server validates every HTTPRoute we write against them, and the unit
+# tests check our objects against the same file. v1.6.3: the newest this machine's Go (1.26) takes;
+# v1.7 needs Go 1.27.
+GATEWAY_API_VERSION ?= v1.6.3
 # Istio's validating webhook (tests/istio-webhook), so the API server refuses what istiod would.
 # istio.io/istio publishes only pseudo-versions: this is a release-1.31 commit of 2026-08-27
 # (VERSION file 1.31) whose go.mod requires istio.io/api at the v1.31.0 commit, the closest of the
@@ -40,6 +46,7 @@ KWOK_STAGES_DIR         ?= $(TOOLS_DIR)/go/mod/sigs.k8s.io/kwok@$(KWOK_VERSION)/
 ETCD                    ?= $(TOOLS_DIR)/etcd/$(ETCD_VERSION)/bin/etcd
 PROMETHEUS_BIN          ?= /usr/bin/prometheus
 ISTIO_CRDS              ?= $(TOOLS_DIR)/istio/$(ISTIO_VERSION)/networking-crds.yaml
+GATEWAY_API_CRDS        ?= $(TOOLS_DIR)/gateway-api/$(GATEWAY_API_VERSION)/standard-crds.yaml
 # Keyed by a hash of the module's files as well, so a changed main.go is a new (missing) target.
 ISTIO_WEBHOOK_SRC       := $(CLUSTER_SCRIPTS_DIR)/../istio-webhook
 ISTIO_WEBHOOK_KEY       := $(shell cd '$(ISTIO_WEBHOOK_SRC)' && sha256sum go.mod go.sum main.go | sha256sum | cut -c1-12)
@@ -52,11 +59,12 @@ CLUSTER_TOOLS_ENV = TOOLS_DIR='$(TOOLS_DIR)' K8S_VERSION='$(K8S_VERSION)' \
   KUBE_SCHEDULER='$(KUBE_SCHEDULER)' KUBECTL='$(KUBECTL)' KWOK='$(KWOK)' \
   KWOK_STAGES_DIR='$(KWOK_STAGES_DIR)' ETCD='$(ETCD)' PROMETHEUS_BIN='$(PROMETHEUS_BIN)' \
   ISTIO_CRDS='$(ISTIO_CRDS)' ISTIO_WEBHOOK_VERSION='$(ISTIO_WEBHOOK_VERSION)' \
-  ISTIO_WEBHOOK='$(ISTIO_WEBHOOK)'
+  ISTIO_WEBHOOK='$(ISTIO_WEBHOOK)' GATEWAY_API_VERSION='$(GATEWAY_API_VERSION)' \
+  GATEWAY_API_CRDS='$(GATEWAY_API_CRDS)'
 
 CLUSTER_TOOLS := $(KUBE_APISERVER) $(KUBE_CONTROLLER_MANAGER) $(KUBE_SCHEDULER) $(KUBECTL) \
   $(KWOK) $(KWOK_STAGES_DIR)/pod/fast/pod-ready.yaml $(ETCD) $(PROMETHEUS_BIN) $(ISTIO_CRDS) \
-  $(ISTIO_WEBHOOK)
+  $(GATEWAY_API_CRDS) $(ISTIO_WEBHOOK)
 
 .PHONY: tools tools-versions control-plane-up control-plane-down control-plane-smoke
 
@@ -83,6 +91,9 @@ $(PROMETHEUS_BIN):
 $(ISTIO_CRDS):
 	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh istio-crds
 
+$(GATEWAY_API_CRDS):
+	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh gateway-api-crds
+
 $(ISTIO_WEBHOOK):
 	@$(CLUSTER_TOOLS_ENV) bash $(CLUSTER_SCRIPTS_DIR)/tools.sh istio-webhook
 
@@ -96,6 +107,7 @@ tools-versions: tools
 	@echo "etcd:                    $$($(ETCD) --version | head -1)  $(ETCD)"
 	@echo "prometheus:              $$($(PROMETHEUS_BIN) --version 2>&1 | head -1)  $(PROMETHEUS_BIN)"
 	@echo "istio CRDs:              istio.io/api@$(ISTIO_VERSION)  $(ISTIO_CRDS)"
+	@echo "Gateway API CRDs:        sigs.k8s.io/gateway-api@$(GATEWAY_API_VERSION)  $(GATEWAY_API_CRDS)"
 	@echo "istio-webhook:           istio.io/istio@$(ISTIO_WEBHOOK_VERSION)  $(ISTIO_WEBHOOK)"
 
 # Generic start/stop of the bare control plane; `make cluster` adds the operator on top.

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the local control plane's tools into TOOLS_DIR, each only when missing.
 # Called by tools.mk; usable alone:
-#   TOOLS_DIR=... tools.sh kubernetes|kwok|etcd|prometheus|istio-crds|istio-webhook
+#   TOOLS_DIR=... tools.sh kubernetes|kwok|etcd|prometheus|istio-crds|gateway-api-crds|istio-webhook
 # Everything comes from package registries: the Go module proxy (Kubernetes, kwok, etcd, Istio's
-# CRDs and validating webhook) and Debian (Prometheus). Binaries and the Go caches live in TOOLS_DIR, keyed by version, so a
-# second machine state (or `git clean`) does not force a 20-minute rebuild.
+# CRDs and validating webhook, the Gateway API's CRDs) and Debian (Prometheus). Binaries and the
+# Go caches live in TOOLS_DIR, keyed by version, so a second machine state (or `git clean`) does
+# not force a 20-minute rebuild.
 set -euo pipefail
 
 : "${K8S_VERSION:=v1.36.3}"
@@ -12,6 +13,8 @@ set -euo pipefail
 : "${ETCD_VERSION:=v3.6.16}"
 : "${ISTIO_VERSION:=v1.32.0}"
 : "${ISTIO_CRDS:=$TOOLS_DIR/istio/$ISTIO_VERSION/networking-crds.yaml}"
+: "${GATEWAY_API_VERSION:=v1.6.3}"
+: "${GATEWAY_API_CRDS:=$TOOLS_DIR/gateway-api/$GATEWAY_API_VERSION/standard-crds.yaml}"
 : "${ISTIO_WEBHOOK_VERSION:=v0.0.0-20260827124520-eed52ebb66ad}"
 ISTIO_WEBHOOK_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/../istio-webhook" && pwd)
 # shellcheck source=go-env.sh
@@ -205,6 +208,44 @@ istio_crds() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# The Gateway API's standard channel, as the sigs.k8s.io/gateway-api module ships it in
+# config/crd/standard (one file per CRD, each with its CEL rules), joined into one file. The whole
+# channel, not only HTTPRoute: a route's parentRefs name Gateways, and implementations check
+# ReferenceGrants, so a cluster with HTTPRoute alone would be no cluster a user has.
+GATEWAY_API_KINDS=(gatewayclasses gateways httproutes referencegrants)
+gateway_api_crds() {
+  lock gateway-api
+  [ -s "$GATEWAY_API_CRDS" ] && return 0
+  local info dir std
+  info=$($GO mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION") \
+    || die "cannot download sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION from the Go module proxy"
+  dir=$(printf '%s' "$info" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+  std="$dir/config/crd/standard"
+  [ -d "$std" ] || die "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION has no config/crd/standard"
+  local kind files=()
+  for kind in "${GATEWAY_API_KINDS[@]}"; do
+    [ -f "$std/gateway.networking.k8s.io_$kind.yaml" ] \
+      || die "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION has no config/crd/standard/gateway.networking.k8s.io_$kind.yaml"
+  done
+  # Every CRD of the channel; the folder also holds a ValidatingAdmissionPolicy that guards CRD
+  # upgrades (vap_safeupgrades), which is no CRD and left out.
+  while IFS= read -r f; do
+    if grep -q '^kind: CustomResourceDefinition$' "$f"; then files+=("$f"); fi
+  done < <(find "$std" -maxdepth 1 -name 'gateway.networking.k8s.io_*.yaml' | sort)
+  mkdir -p "$(dirname "$GATEWAY_API_CRDS")"
+  {
+    echo "# The Gateway API's standard-channel CRDs from sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION config/crd/standard (tools.sh gateway-api-crds)"
+    for f in "${files[@]}"; do
+      # Each file starts with its own `---` (or not); one separator per document either way.
+      echo "---"
+      sed '/^---[[:space:]]*$/d' "$f"
+    done
+  } >"$GATEWAY_API_CRDS.new"
+  mv "$GATEWAY_API_CRDS.new" "$GATEWAY_API_CRDS"
+  log "Gateway API $GATEWAY_API_VERSION standard CRDs (${#files[@]}) → $GATEWAY_API_CRDS"
+}
+
+# ---------------------------------------------------------------------------------------------
 # Istio's validating webhook (tests/istio-webhook, istio.io/istio at ISTIO_WEBHOOK_VERSION). The
 # folder is keyed by a hash of the module's files too, so editing main.go gives a new binary; the
 # same hash is computed by tools.mk and up.sh.
@@ -270,6 +311,7 @@ case "${1:-}" in
   etcd) build_etcd ;;
   prometheus) install_prometheus ;;
   istio-crds) istio_crds ;;
+  gateway-api-crds) gateway_api_crds ;;
   istio-webhook) build_istio_webhook ;;
-  *) die "usage: tools.sh kubernetes [BIN...]|kwok|kwok-stages|etcd|prometheus|istio-crds|istio-webhook" ;;
+  *) die "usage: tools.sh kubernetes [BIN...]|kwok|kwok-stages|etcd|prometheus|istio-crds|gateway-api-crds|istio-webhook" ;;
 esac

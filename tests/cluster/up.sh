@@ -2,8 +2,9 @@
 # up.sh STATE_DIR — start a local Kubernetes control plane on 127.0.0.1 for the end-to-end tests
 # and the demo: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (one fake
 # Node that runs every Pod "Ready" without containers), Istio's validating webhook for
-# VirtualService/DestinationRule writes, and Prometheus. Ports are picked at run
-# time. Writes STATE_DIR/kubeconfig and STATE_DIR/env; logs go to STATE_DIR/logs/.
+# VirtualService/DestinationRule writes, Prometheus, and the CRDs of Istio's networking API and
+# of the Gateway API's standard channel (HTTPRoutes meet the upstream CEL rules). Ports are picked
+# at run time. Writes STATE_DIR/kubeconfig and STATE_DIR/env; logs go to STATE_DIR/logs/.
 # Stop with down.sh STATE_DIR. See README.md beside this file.
 set -euo pipefail
 
@@ -22,6 +23,8 @@ STATE_DIR=$(cd "$1" && pwd)
 : "${ETCD_VERSION:=v3.6.16}"
 : "${ISTIO_VERSION:=v1.32.0}"
 : "${ISTIO_CRDS:=$TOOLS_DIR/istio/$ISTIO_VERSION/networking-crds.yaml}"
+: "${GATEWAY_API_VERSION:=v1.6.3}"
+: "${GATEWAY_API_CRDS:=$TOOLS_DIR/gateway-api/$GATEWAY_API_VERSION/standard-crds.yaml}"
 : "${ISTIO_WEBHOOK_VERSION:=v0.0.0-20260827124520-eed52ebb66ad}"
 : "${CRDS_DIR:=$REPO_ROOT/crds}"
 : "${UP_TIMEOUT:=90}"            # seconds, per component
@@ -68,6 +71,13 @@ done
 [ -s "$ISTIO_CRDS" ] || {
   echo "up.sh: Istio's CRDs missing: no file at $ISTIO_CRDS (ISTIO_CRDS). Run 'make tools'" \
     "(tools.sh istio-crds cuts them from the istio.io/api@$ISTIO_VERSION Go module)" >&2
+  exit 1
+}
+# Without the Gateway API's CRDs no HTTPRoute can be written, nor checked by the upstream CEL rules.
+[ -s "$GATEWAY_API_CRDS" ] || {
+  echo "up.sh: the Gateway API's CRDs missing: no file at $GATEWAY_API_CRDS (GATEWAY_API_CRDS)." \
+    "Run 'make tools' (tools.sh gateway-api-crds takes the standard channel from the" \
+    "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION Go module)" >&2
   exit 1
 }
 for c in openssl curl ss setsid flock base64; do
@@ -381,13 +391,13 @@ webhooks:
   timeoutSeconds: 5
 EOF
 
-# ---- CRDs: Istio's networking API, then the project's own --------------------------------------
+# ---- CRDs: Istio's networking API, the Gateway API's standard channel, then the project's own -
 CURRENT=kube-apiserver
-crd_files=("$ISTIO_CRDS")
+crd_files=("$ISTIO_CRDS" "$GATEWAY_API_CRDS")
 [ -d "$CRDS_DIR" ] || fail "no folder $CRDS_DIR (CRDS_DIR) with the ChatRelease CRD"
 while IFS= read -r f; do crd_files+=("$f"); done \
   < <(find "$CRDS_DIR" -maxdepth 1 -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
-[ ${#crd_files[@]} -gt 1 ] || fail "no CRD in $CRDS_DIR (CRDS_DIR): run 'make crds'"
+[ ${#crd_files[@]} -gt 2 ] || fail "no CRD in $CRDS_DIR (CRDS_DIR): run 'make crds'"
 for f in "${crd_files[@]}"; do
   say "applying $f"
   kc apply --server-side --force-conflicts --field-manager=chatrelease-up -f "$f" \

@@ -8,8 +8,13 @@
 //! processes are killed when their handle drops, and each child's pid file in `STATE_DIR/pids/`
 //! lets `down.sh` stop it even if this process dies first.
 
+// The mesh simulator is a binary, not a library: the names both sides use live in one file.
+#[path = "../meshsim/contract.rs"]
+mod meshsim_contract;
+
 use chatrelease::crd::{AnalysisRecord, ChatRelease, Phase};
-use chatrelease::istio::{PRIMARY_ROUTE, VirtualService};
+use chatrelease::router::gateway_api::{HttpRoute, PRIMARY_RULE};
+use chatrelease::router::istio::{PRIMARY_ROUTE, VirtualService};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
@@ -47,6 +52,13 @@ pub const MIN_REQUESTS: i64 = 20;
 /// Synthetic requests per second through the VirtualService: about 50 canary requests per
 /// window at 5%, so a 30% error rate is tens of standard errors above a clean stable.
 pub const MESHSIM_RPS: u32 = 100;
+/// Share of the simulator's users replaced by new ones each second: new sessions arrive as
+/// in real traffic, so a sticky canary gets users as its weight grows.
+pub const MESHSIM_USER_CHURN: f64 = 0.1;
+/// The cookie the simulator's testers carry, matched as `examples/lobe-chat.yaml` does.
+pub const TESTER_COOKIE_REGEX: &str = r"^(.*;)?\s*canary=true(;.*)?$";
+/// `spec.traffic.stickyCookie` of the tests that pin users.
+pub const STICKY_COOKIE: &str = "chat-version";
 /// A fixed seed: the traffic of a run can be reproduced.
 pub const MESHSIM_SEED: u64 = 20_240_917;
 
@@ -58,6 +70,8 @@ const KUBECTL_CHATRELEASE: &str = env!("CARGO_BIN_EXE_kubectl-chatrelease");
 const POLL: Duration = Duration::from_millis(250);
 /// How long a child process (or the cluster's Prometheus target) may take to come up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// A kube-apiserver starting beside nine tests on two cores takes a while.
+const API_SERVER_START_TIMEOUT: Duration = Duration::from_secs(90);
 
 // ----- the control plane ---------------------------------------------------------------------
 
@@ -119,13 +133,17 @@ impl Cluster {
     }
 
     async fn client(&self) -> Client {
-        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", self.kubeconfig.display()));
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", self.kubeconfig.display()));
-        Client::try_from(config).unwrap_or_else(|e| panic!("kube client: {e}"))
+        client_of(&self.kubeconfig).await
     }
+}
+
+async fn client_of(path: &Path) -> Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", path.display()));
+    Client::try_from(config).unwrap_or_else(|e| panic!("kube client: {e}"))
 }
 
 /// `export KEY='value'` and `KEY=value` lines, as up.sh writes them.
@@ -278,6 +296,64 @@ fn free_port() -> u16 {
     panic!("no free port in 20000-32000 on 127.0.0.1");
 }
 
+/// Status and body of `METHOD http://address/path` (no request body), or None when nothing
+/// answers in time.
+pub async fn http_exchange(address: &str, method: &str, path: &str) -> Option<(u16, String)> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response).to_string();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Some((status, body.to_string()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A Prometheus text exposition.
+#[derive(Debug, Clone)]
+pub struct MetricsText(pub String);
+
+impl MetricsText {
+    /// The sum over every series of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (metric, label_text) = match series.split_once('{') {
+                    Some((metric, rest)) => (metric, rest.strip_suffix('}')?),
+                    None => (series, ""),
+                };
+                if metric != name {
+                    return None;
+                }
+                // Names and numbers only here: no commas or quotes inside a value.
+                let pairs: Vec<(&str, &str)> = label_text
+                    .split(',')
+                    .filter_map(|pair| {
+                        let (key, quoted) = pair.split_once('=')?;
+                        Some((key.trim(), quoted.trim().trim_matches('"')))
+                    })
+                    .collect();
+                labels
+                    .iter()
+                    .all(|want| pairs.contains(want))
+                    .then(|| value.parse::<f64>().ok())?
+            })
+            .sum()
+    }
+}
+
 /// Status code of `GET http://address/path`, or None when nothing answers in time.
 pub async fn http_status(address: &str, path: &str) -> Option<u16> {
     let exchange = async {
@@ -338,6 +414,29 @@ pub struct Release {
     pub min_requests: Option<i64>,
     /// `spec.template.spec.nodeSelector`: a selector no node has keeps the pods Pending.
     pub node_selector: Option<Value>,
+    /// `spec.traffic`, when the test routes testers or pins users.
+    pub traffic: Option<Value>,
+    /// Which router carries the traffic.
+    pub router: Router,
+}
+
+/// The two routers the operator drives; every rollout test runs with each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Router {
+    /// A VirtualService and a DestinationRule.
+    Istio,
+    /// An HTTPRoute attached to the app's Service (GAMMA: the mesh), a Service per track.
+    GatewayApi,
+}
+
+impl Router {
+    /// `route_kind` of the simulator's user metrics.
+    pub fn route_kind(self) -> &'static str {
+        match self {
+            Router::Istio => "VirtualService",
+            Router::GatewayApi => "HTTPRoute",
+        }
+    }
 }
 
 impl Release {
@@ -353,7 +452,28 @@ impl Release {
             metrics: Vec::new(),
             min_requests: None,
             node_selector: None,
+            traffic: None,
+            router: Router::Istio,
         }
+    }
+
+    /// [`Release::version`] routed by `router`; the Gateway API's route attaches to the app's
+    /// Service (GAMMA: the mesh).
+    pub fn version_routed(router: Router, tag: &str) -> Release {
+        Release {
+            router,
+            ..Release::version(tag)
+        }
+    }
+
+    /// Testers (the simulator's `canary=true` cookie) always on the canary, and every other
+    /// user kept on one version by the cookie `chat-version`, as `examples/lobe-chat.yaml` does.
+    pub fn testers_and_sticky_users(mut self) -> Release {
+        self.traffic = Some(json!({
+            "canaryMatch": [{"headers": {"cookie": {"regex": TESTER_COOKIE_REGEX}}}],
+            "stickyCookie": STICKY_COOKIE,
+        }));
+        self
     }
 
     /// `spec.analysis.minRequests`.
@@ -438,7 +558,7 @@ impl Release {
         if let Some(selector) = &self.node_selector {
             pod["nodeSelector"] = selector.clone();
         }
-        json!({
+        let mut manifest = json!({
             "apiVersion": "chatrelease.io/v1alpha1",
             "kind": "ChatRelease",
             "metadata": {"name": NAME},
@@ -455,7 +575,16 @@ impl Release {
                 },
                 "analysis": analysis,
             },
-        })
+        });
+        let mut traffic = self.traffic.clone().unwrap_or_else(|| json!({}));
+        if self.router == Router::GatewayApi {
+            traffic["gatewayAPI"] =
+                json!({"parentRefs": [{"group": "", "kind": "Service", "name": NAME}]});
+        }
+        if traffic != json!({}) {
+            manifest["spec"]["traffic"] = traffic;
+        }
+        manifest
     }
 }
 
@@ -471,6 +600,27 @@ impl Split {
         stable: 100,
         canary: 0,
     };
+
+    fn of_route(route: &HttpRoute) -> Option<Split> {
+        let primary = route
+            .spec
+            .rules
+            .iter()
+            .find(|r| r.name.as_deref() == Some(PRIMARY_RULE))?;
+        let weight = |track: &str| {
+            let service = format!("{NAME}-{track}");
+            primary
+                .backend_refs
+                .iter()
+                .filter(|b| b.name == service)
+                .map(|b| b.weight.unwrap_or(1))
+                .sum()
+        };
+        Some(Split {
+            stable: weight("stable"),
+            canary: weight("canary"),
+        })
+    }
 
     fn of(vs: &VirtualService) -> Option<Split> {
         let primary = vs.spec.http.iter().find(|r| r.name == PRIMARY_ROUTE)?;
@@ -524,6 +674,12 @@ pub struct TestEnv {
     prometheus: Mutex<Option<Proc>>,
     /// The command line of the test's own Prometheus, to start it again as it was.
     prometheus_args: Mutex<Vec<String>>,
+    /// A second kube-apiserver on the cluster's etcd that only this test's operator talks to, so
+    /// the test can stop and restart "the API server" without disturbing the tests beside it.
+    api_server: Mutex<Option<Proc>>,
+    api_server_args: Mutex<Vec<String>>,
+    /// The kubeconfig the operator gets; the cluster's unless the test runs its own API server.
+    operator_kubeconfig: Mutex<Option<PathBuf>>,
     cleaned: std::sync::atomic::AtomicBool,
 }
 
@@ -609,6 +765,9 @@ impl TestEnv {
             operator: Mutex::new(None),
             prometheus: Mutex::new(None),
             prometheus_args: Mutex::new(Vec::new()),
+            api_server: Mutex::new(None),
+            api_server_args: Mutex::new(Vec::new()),
+            operator_kubeconfig: Mutex::new(None),
             cleaned: Default::default(),
         }
     }
@@ -653,6 +812,8 @@ impl TestEnv {
                     &MESHSIM_RPS.to_string(),
                     "--seed",
                     &MESHSIM_SEED.to_string(),
+                    "--user-churn",
+                    &MESHSIM_USER_CHURN.to_string(),
                 ]),
                 &self.log("meshsim"),
                 self.pid_file("meshsim"),
@@ -728,9 +889,13 @@ impl TestEnv {
     pub fn start_operator(&self) {
         let mut slot = self.operator.lock().unwrap();
         assert!(slot.is_none(), "the operator is already running");
+        let mut command = self.command(OPERATOR);
+        if let Some(kubeconfig) = self.operator_kubeconfig.lock().unwrap().as_ref() {
+            command.env("KUBECONFIG", kubeconfig);
+        }
         *slot = Some(Proc::spawn(
             "chatrelease-operator",
-            self.command(OPERATOR).args([
+            command.args([
                 "run",
                 // One operator per test namespace: no election among them, metrics on loopback.
                 "--no-leader-election",
@@ -877,6 +1042,148 @@ impl TestEnv {
         let data = self.dir.join("prometheus-data");
         fs::remove_dir_all(&data).unwrap_or_else(|e| panic!("removing {}: {e}", data.display()));
         self.restart_own_prometheus().await;
+    }
+
+    // ----- the simulator's own view -------------------------------------------------------------
+
+    fn meshsim_address(&self) -> String {
+        self.meshsim_address
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the simulator runs")
+    }
+
+    /// The simulator's metrics as it exports them now (not as Prometheus last scraped them).
+    pub async fn meshsim_metrics(&self) -> MetricsText {
+        let address = self.meshsim_address();
+        match http_exchange(&address, "GET", "/metrics").await {
+            Some((200, body)) => MetricsText(body),
+            other => panic!("GET {address}/metrics answered {other:?}"),
+        }
+    }
+
+    /// Makes the simulator's `/metrics` answer 503 for `seconds`, as a sidecar that stops
+    /// answering its scrapes would; its traffic goes on.
+    pub async fn fail_scrapes(&self, seconds: u32) {
+        let address = self.meshsim_address();
+        let path = format!("/fail-scrapes?seconds={seconds}");
+        let answer = http_exchange(&address, "POST", &path).await;
+        assert!(
+            matches!(answer, Some((200..=299, _))),
+            "POST {address}{path} answered {answer:?}"
+        );
+    }
+
+    /// Status of the simulator's `/metrics` now.
+    pub async fn meshsim_metrics_status(&self) -> Option<u16> {
+        http_status(&self.meshsim_address(), "/metrics").await
+    }
+
+    // ----- the test's own API server ---------------------------------------------------------
+
+    /// Starts a second kube-apiserver with the cluster's own command line (read from its pid)
+    /// on a free port, and makes it the API server of every operator this test starts from now
+    /// on. The test's client and kubectl stay on the cluster's, so they watch while it is down.
+    pub async fn start_own_api_server(&self) {
+        let pid_file = self.cluster.state_dir.join("pids/kube-apiserver.pid");
+        let pid = fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", pid_file.display()));
+        let cmdline_file = format!("/proc/{}/cmdline", pid.trim());
+        let cmdline =
+            fs::read(&cmdline_file).unwrap_or_else(|e| panic!("reading {cmdline_file}: {e}"));
+        let mut args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert!(!args.is_empty(), "{cmdline_file} is empty");
+        let cluster_port = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--secure-port="))
+            .expect("the cluster's kube-apiserver names --secure-port")
+            .to_string();
+        let port = free_port().to_string();
+        for arg in &mut args {
+            if arg.starts_with("--secure-port=") {
+                *arg = format!("--secure-port={port}");
+            }
+        }
+        let kubeconfig = fs::read_to_string(&self.cluster.kubeconfig)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.cluster.kubeconfig.display()));
+        let cluster_server = format!("https://127.0.0.1:{cluster_port}");
+        assert!(
+            kubeconfig.contains(&cluster_server),
+            "the cluster's kubeconfig does not name {cluster_server}"
+        );
+        let own = self.dir.join("own-api-server.kubeconfig");
+        fs::write(
+            &own,
+            kubeconfig.replace(&cluster_server, &format!("https://127.0.0.1:{port}")),
+        )
+        .unwrap_or_else(|e| panic!("writing {}: {e}", own.display()));
+        *self.operator_kubeconfig.lock().unwrap() = Some(own);
+        *self.api_server_args.lock().unwrap() = args;
+        self.spawn_own_api_server().await;
+    }
+
+    async fn spawn_own_api_server(&self) {
+        let mut args = self.api_server_args.lock().unwrap().clone();
+        assert!(!args.is_empty(), "own API server was never started");
+        let program = args.remove(0);
+        let mut proc = Proc::spawn(
+            "kube-apiserver",
+            Command::new(program).args(&args),
+            &self.log("kube-apiserver"),
+            self.pid_file("kube-apiserver"),
+        );
+        let kubeconfig = self.operator_kubeconfig.lock().unwrap().clone().unwrap();
+        let client = client_of(&kubeconfig).await;
+        let deadline = Instant::now() + API_SERVER_START_TIMEOUT;
+        loop {
+            assert!(
+                proc.running(),
+                "own kube-apiserver exited:\n{}",
+                tail(&self.log("kube-apiserver"), 20)
+            );
+            let ready = http::Request::get("/readyz").body(Vec::new()).unwrap();
+            if client
+                .request_text(ready)
+                .await
+                .is_ok_and(|body| body == "ok")
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "own kube-apiserver not ready within {}s:\n{}",
+                API_SERVER_START_TIMEOUT.as_secs(),
+                tail(&self.log("kube-apiserver"), 20)
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        *self.api_server.lock().unwrap() = Some(proc);
+    }
+
+    /// Stops the test's own API server as an upgrade or a crash-looping control plane would
+    /// take it away: SIGTERM, then its port closed; the operator keeps running without it.
+    pub async fn stop_own_api_server(&self) {
+        let mut proc = self
+            .api_server
+            .lock()
+            .unwrap()
+            .take()
+            .expect("own API server runs");
+        proc.terminate(Duration::from_secs(20)).await;
+    }
+
+    /// Starts it again on the same port and waits until it is ready.
+    pub async fn restart_own_api_server(&self) {
+        assert!(
+            self.api_server.lock().unwrap().is_none(),
+            "own API server still runs"
+        );
+        self.spawn_own_api_server().await;
     }
 
     // ----- the API ----------------------------------------------------------------------------
@@ -1034,12 +1341,37 @@ impl TestEnv {
         }
     }
 
+    /// The split of the VirtualService, or of the HTTPRoute when there is none.
     pub async fn split(&self) -> Option<Split> {
-        let vs = Api::<VirtualService>::namespaced(self.client.clone(), &self.namespace)
+        match self.virtual_service_opt().await {
+            Some(vs) => Split::of(&vs),
+            None => Split::of_route(&self.http_route_opt().await?),
+        }
+    }
+
+    async fn http_route_opt(&self) -> Option<HttpRoute> {
+        Api::<HttpRoute>::namespaced(self.client.clone(), &self.namespace)
             .get_opt(NAME)
             .await
-            .unwrap_or_else(|e| panic!("reading VirtualService {NAME}: {e}"))?;
-        Split::of(&vs)
+            .unwrap_or_else(|e| panic!("reading HTTPRoute {NAME}: {e}"))
+    }
+
+    /// The names of the routes of the VirtualService or HTTPRoute, in order.
+    pub async fn route_names(&self) -> Vec<String> {
+        if let Some(vs) = self.virtual_service_opt().await {
+            return vs.spec.http.iter().map(|r| r.name.clone()).collect();
+        }
+        self.http_route_opt()
+            .await
+            .map(|r| r.spec.rules.iter().filter_map(|r| r.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn virtual_service_opt(&self) -> Option<VirtualService> {
+        Api::<VirtualService>::namespaced(self.client.clone(), &self.namespace)
+            .get_opt(NAME)
+            .await
+            .unwrap_or_else(|e| panic!("reading VirtualService {NAME}: {e}"))
     }
 
     /// Polls the VirtualService until its split is `want`; the time it took.
@@ -1113,8 +1445,8 @@ impl TestEnv {
     /// The simulator's `mesh-simulator` ConfigMap: a model-provider outage on every track.
     pub async fn start_provider_outage(&self, rate: &str) {
         let cm: ConfigMap = serde_json::from_value(json!({
-            "metadata": {"name": chatrelease::meshsim::CONFIG_MAP_NAME},
-            "data": {chatrelease::meshsim::PROVIDER_ERROR_RATE_KEY: rate},
+            "metadata": {"name": meshsim_contract::CONFIG_MAP_NAME},
+            "data": {meshsim_contract::PROVIDER_ERROR_RATE_KEY: rate},
         }))
         .expect("config map");
         Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
@@ -1125,10 +1457,7 @@ impl TestEnv {
 
     pub async fn end_provider_outage(&self) {
         Api::<ConfigMap>::namespaced(self.client.clone(), &self.namespace)
-            .delete(
-                chatrelease::meshsim::CONFIG_MAP_NAME,
-                &DeleteParams::default(),
-            )
+            .delete(meshsim_contract::CONFIG_MAP_NAME, &DeleteParams::default())
             .await
             .unwrap_or_else(|e| panic!("deleting the provider outage ConfigMap: {e}"));
     }
@@ -1302,6 +1631,9 @@ impl TestEnv {
         if let Some(mut p) = self.prometheus.lock().unwrap().take() {
             p.kill();
         }
+        if let Some(mut p) = self.api_server.lock().unwrap().take() {
+            p.kill();
+        }
         if let Some(mut p) = self.meshsim.lock().unwrap().take() {
             p.kill();
         }
@@ -1366,12 +1698,43 @@ pub struct StatusSample {
     pub analysis: Option<AnalysisRecord>,
 }
 
-/// Every change of the VirtualService split and of the ChatRelease status, from watches, so
+/// Every change of the split (of the VirtualService or the HTTPRoute, whichever the release's
+/// router writes) and of the ChatRelease status, from watches, so
 /// that nothing between two polls goes unseen.
 pub struct Timeline {
     splits: Arc<Mutex<Vec<(Duration, Split)>>>,
     statuses: Arc<Mutex<Vec<StatusSample>>>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// Logs each new split of the route objects `api` holds, as `split_of` reads them.
+fn watch_splits<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    log: Arc<Mutex<Vec<(Duration, Split)>>>,
+    started: Instant,
+    split_of: fn(&K) -> Option<Split>,
+) -> JoinHandle<()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+{
+    tokio::spawn(async move {
+        let mut stream = watcher(api, config)
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(item) = stream.next().await {
+            if let Ok(route) = item
+                && let Some(split) = split_of(&route)
+            {
+                let mut log = log.lock().unwrap();
+                if log.last().map(|(_, s)| *s) != Some(split) {
+                    log.push((started.elapsed(), split));
+                }
+            }
+        }
+    })
 }
 
 impl Timeline {
@@ -1381,25 +1744,20 @@ impl Timeline {
         let statuses = Arc::new(Mutex::new(Vec::<StatusSample>::new()));
         let by_name = watcher::Config::default().fields(&format!("metadata.name={NAME}"));
 
-        let vs_api = Api::<VirtualService>::namespaced(client.clone(), namespace);
-        let vs_log = splits.clone();
-        let vs_config = by_name.clone();
-        let vs_task = tokio::spawn(async move {
-            let mut stream = watcher(vs_api, vs_config)
-                .default_backoff()
-                .applied_objects()
-                .boxed();
-            while let Some(item) = stream.next().await {
-                if let Ok(vs) = item
-                    && let Some(split) = Split::of(&vs)
-                {
-                    let mut log = vs_log.lock().unwrap();
-                    if log.last().map(|(_, s)| *s) != Some(split) {
-                        log.push((started.elapsed(), split));
-                    }
-                }
-            }
-        });
+        let vs_task = watch_splits(
+            Api::<VirtualService>::namespaced(client.clone(), namespace),
+            by_name.clone(),
+            splits.clone(),
+            started,
+            Split::of,
+        );
+        let route_task = watch_splits(
+            Api::<HttpRoute>::namespaced(client.clone(), namespace),
+            by_name.clone(),
+            splits.clone(),
+            started,
+            Split::of_route,
+        );
 
         let cr_api = Api::<ChatRelease>::namespaced(client, namespace);
         let cr_log = statuses.clone();
@@ -1436,7 +1794,7 @@ impl Timeline {
         Timeline {
             splits,
             statuses,
-            tasks: vec![vs_task, cr_task],
+            tasks: vec![vs_task, route_task, cr_task],
         }
     }
 

@@ -5,15 +5,14 @@
 //! The types below hold only the fields the operator writes, checked against Istio's
 //! `networking.istio.io/v1` CRDs; the rest of Istio's API is deliberately left out.
 
-use crate::annotations::{LABEL_TRACK, MANAGER};
+use crate::annotations::LABEL_TRACK;
 use crate::crd::{ChatRelease, HttpMatch, StringMatch};
 use crate::error::Error;
 use crate::metrics::BoxFuture;
 use crate::router::{Routes, TrafficRouter};
 use crate::traffic_rules;
 use crate::workload::{self, Track};
-use kube::api::{Api, Patch, PatchParams};
-use kube::{CustomResource, Resource, ResourceExt};
+use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -326,43 +325,21 @@ impl IstioRouter {
     pub fn new(client: kube::Client) -> Self {
         Self { client }
     }
-
-    /// Server-side applies `object` as the operator's field manager, in one request.
-    async fn apply<K>(&self, namespace: &str, object: &K) -> Result<(), Error>
-    where
-        K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + std::fmt::Debug
-            + Serialize
-            + serde::de::DeserializeOwned,
-    {
-        let name = object.meta().name.clone().unwrap_or_default();
-        let api: Api<K> = Api::namespaced(self.client.clone(), namespace);
-        // force: the operator owns these objects; a stale manager must not block a rollback.
-        let params = PatchParams::apply(MANAGER).force();
-        api.patch(&name, &params, &Patch::Apply(object))
-            .await
-            .map_err(|e| Error::kube("apply", &K::kind(&()), namespace, &name, e))?;
-        Ok(())
-    }
 }
 
-fn namespace_of(release: &ChatRelease) -> Result<String, Error> {
-    release.namespace().ok_or_else(|| {
-        Error::Missing(format!(
-            "ChatRelease {} has no namespace; Istio routes are namespaced",
-            release.name_any()
-        ))
-    })
-}
+/// What the Istio router needs from the API server.
+pub const ISTIO_CRDS: &str =
+    "Istio's VirtualService and DestinationRule CRDs (networking.istio.io, v1)";
 
 impl TrafficRouter for IstioRouter {
     fn reconcile<'a>(&'a self, release: &'a ChatRelease) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            let namespace = namespace_of(release)?;
+            let namespace = super::namespace_of(release)?;
             let rule = destination_rule(release);
             tracing::debug!(release = %release.name_any(), %namespace, "applying DestinationRule");
-            self.apply(&namespace, &rule).await
+            super::apply(&self.client, &namespace, &rule)
+                .await
+                .map_err(|error| super::unavailable_when_unknown(error, "istio", ISTIO_CRDS))
         })
     }
 
@@ -372,32 +349,21 @@ impl TrafficRouter for IstioRouter {
         routes: &'a Routes,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            let namespace = namespace_of(release)?;
+            let namespace = super::namespace_of(release)?;
             let service = virtual_service(release, routes);
-            let canary_weight = routes.canary_weight.clamp(0, 100);
-            // The status still holds the weight of the last tick, so a change is visible at info
-            // while the idempotent re-applies of every reconcile stay at debug.
-            let previous = release.status.as_ref().map(|s| s.canary_weight);
-            if previous != Some(canary_weight) {
-                tracing::info!(
-                    release = %release.name_any(),
-                    %namespace,
-                    previous_canary_weight = previous,
-                    canary_weight,
-                    stable_weight = 100 - canary_weight,
-                    canary_routes = routes.canary_routes,
-                    "setting traffic split"
-                );
-            } else {
-                tracing::debug!(
-                    release = %release.name_any(),
-                    %namespace,
-                    canary_weight,
-                    canary_routes = routes.canary_routes,
-                    "re-applying traffic split"
-                );
-            }
-            self.apply(&namespace, &service).await
+            super::log_split(release, &namespace, routes);
+            super::apply(&self.client, &namespace, &service)
+                .await
+                .map_err(|error| super::unavailable_when_unknown(error, "istio", ISTIO_CRDS))
+        })
+    }
+
+    fn remove<'a>(&'a self, release: &'a ChatRelease) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            let namespace = super::namespace_of(release)?;
+            let name = release.name_any();
+            super::delete_owned::<VirtualService>(&self.client, &namespace, &name).await?;
+            super::delete_owned::<DestinationRule>(&self.client, &namespace, &name).await
         })
     }
 }
@@ -405,6 +371,7 @@ impl TrafficRouter for IstioRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::annotations::MANAGER;
     use assert_json_diff::assert_json_eq;
     use http::{Method, Request, Response};
     use kube::client::Body;
