@@ -169,6 +169,8 @@ pub struct ApiServer {
     pub namespace_terminating: Arc<AtomicBool>,
     /// Writes whose path contains this fail with 500, as an overloaded API server answers.
     pub failing_writes: Arc<Mutex<Option<String>>>,
+    /// Resources (such as `httproutes`) this API server does not serve: their CRD is missing.
+    pub unknown_resources: Arc<Mutex<Vec<String>>>,
 }
 
 impl ApiServer {
@@ -241,11 +243,13 @@ pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
         release: Arc::new(Mutex::new(release.clone())),
         namespace_terminating: Arc::default(),
         failing_writes: Arc::default(),
+        unknown_resources: Arc::default(),
     };
     let calls = server.calls.clone();
     let stored = server.release.clone();
     let terminating = server.namespace_terminating.clone();
     let failing = server.failing_writes.clone();
+    let unknown = server.unknown_resources.clone();
     let client = client_answered_by(NAMESPACE, move |method, uri, body| {
         calls.lock().expect("calls lock").push(Call {
             method: method.to_string(),
@@ -262,6 +266,19 @@ pub fn mock_client(release: &ChatRelease) -> (Client, ApiServer) {
                 500,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500,
                        "reason": "InternalError", "message": "etcdserver: request timed out"}),
+            );
+        }
+        if unknown
+            .lock()
+            .expect("unknown lock")
+            .iter()
+            .any(|resource| uri.contains(&format!("/{resource}/")))
+        {
+            // What an API server answers for a kind it does not serve: no details.
+            return (
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                       "reason": "NotFound", "message": "the server could not find the requested resource"}),
             );
         }
         if method == "DELETE" {

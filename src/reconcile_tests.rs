@@ -764,3 +764,33 @@ async fn a_stable_release_switches_router_writing_the_new_route_before_deleting_
     assert_eq!(status.phase, Phase::Stable);
     assert!(event_reasons(&h).contains(&"RouterSwitched".to_string()));
 }
+
+#[tokio::test]
+async fn a_router_whose_crds_are_missing_is_named_in_a_warning_and_nothing_else_moves() {
+    let release = through_gateway(ChatRelease::test("v1"));
+    let h = Harness::new(&release, t0());
+    h.server
+        .unknown_resources
+        .lock()
+        .unwrap()
+        .push("httproutes".into());
+    let error = crate::controller::reconcile(std::sync::Arc::new(release), h.ctx.clone())
+        .await
+        .expect_err("the route cannot be written");
+    assert!(
+        error
+            .to_string()
+            .contains("httproutes.gateway.networking.k8s.io"),
+        "{error}"
+    );
+    let events = h.server.events();
+    let unavailable = events
+        .iter()
+        .find(|e| e["reason"] == "RouterUnavailable")
+        .expect("a RouterUnavailable Event");
+    assert_eq!(unavailable["type"], "Warning");
+    assert!(
+        h.server.deployment_applies(Track::Stable).is_empty(),
+        "no Deployment is written before the route can be"
+    );
+}

@@ -171,16 +171,27 @@ where
     }
 }
 
-/// A 404 on a whole kind (not an object) means its CRD is not installed: say which.
+/// A server-side apply creates what is missing, so its 404 means the kind itself is not served
+/// (its CRD is not installed; the API server may answer in plain text), unless the namespace is
+/// what is gone: say which CRD.
 fn unavailable_when_unknown(error: Error, router: &'static str, what: &'static str) -> Error {
-    match &error {
-        Error::Kube { source, .. }
-            if matches!(source.as_ref(), kube::Error::Api(status)
-                if status.code == 404 && status.reason == "NotFound" && status.details.is_none()) =>
-        {
-            Error::RouterUnavailable { router, what }
-        }
-        _ => error,
+    let kind_unknown = match &error {
+        Error::Kube { source, .. } => match source.as_ref() {
+            kube::Error::Api(status) => {
+                status.code == 404
+                    && status
+                        .details
+                        .as_ref()
+                        .is_none_or(|d| d.kind != "namespaces")
+            }
+            _ => false,
+        },
+        _ => false,
+    };
+    if kind_unknown {
+        Error::RouterUnavailable { router, what }
+    } else {
+        error
     }
 }
 

@@ -3,10 +3,11 @@
 # LobeChat v1, roll a good v2 (promoted, passing the manual gate with `kubectl chatrelease
 # promote`) and then a bad v3 (30% errors, rolled back), narrating every status change with
 # `kubectl chatrelease status --watch --timeline`. Ends with the time from v3 reaching the
-# canary to the VirtualService at 100% stable, then stops everything (also on Ctrl-C or failure).
+# canary to the route (VirtualService or HTTPRoute) at 100% stable, then stops everything (also on Ctrl-C or failure).
 #
-# Environment: DEMO_STEP_TIMEOUT (seconds each stage may take, default 180), MESHSIM_RPS (default
-# 100 here), CHATRELEASE_BIN_DIR and tool paths as for cluster.sh.
+# Environment: ROUTER (istio, the default, or gatewayAPI: the same release through an HTTPRoute),
+# DEMO_STEP_TIMEOUT (seconds each stage may take, default 180), MESHSIM_RPS (default 100 here),
+# CHATRELEASE_BIN_DIR and tool paths as for cluster.sh.
 set -euo pipefail
 export LC_ALL=C   # a '.' in $EPOCHREALTIME
 
@@ -21,6 +22,30 @@ export MESHSIM_RPS=${MESHSIM_RPS:-100}
 
 NS=chat NAME=lobe-chat
 RELEASE_FILE=$HERE/demo-release.yaml
+: "${ROUTER:=istio}"
+case "$ROUTER" in
+  istio) ROUTE_KIND=virtualservices.networking.istio.io
+    # The canary's share: the weights of destinations whose subset is canary.
+    ROUTE_JSONPATH='{.spec.http[*].route[*].destination.subset} / {.spec.http[*].route[*].weight}{"\n"}'
+    CANARY_BACKEND=canary ;;
+  gatewayAPI) ROUTE_KIND=httproutes.gateway.networking.k8s.io
+    # The canary's share: the weights of backendRefs to Service <name>-canary.
+    ROUTE_JSONPATH='{.spec.rules[*].backendRefs[*].name} / {.spec.rules[*].backendRefs[*].weight}{"\n"}'
+    CANARY_BACKEND=lobe-chat-canary ;;
+  *) echo "demo.sh: ROUTER must be istio or gatewayAPI, not '$ROUTER'" >&2; exit 2 ;;
+esac
+# demo-release.yaml routes with Istio; for the Gateway API its traffic.istio block becomes a
+# traffic.gatewayAPI one (a Gateway gateway-system/public, as in examples/lobe-chat-gateway-api.yaml).
+release_manifest() {
+  if [ "$ROUTER" = gatewayAPI ]; then
+    sed '/^    istio:$/,/^      gateways:/c\
+    gatewayAPI:\
+      parentRefs: [{name: public, namespace: gateway-system}]\
+      hostnames: [chat.example.com]' "$RELEASE_FILE"
+  else
+    cat "$RELEASE_FILE"
+  fi
+}
 V1=lobehub/lobe-chat:v1.9.0 V2=lobehub/lobe-chat:v1.10.0 V3=lobehub/lobe-chat:v1.11.0
 T0=$SECONDS
 
@@ -129,8 +154,8 @@ release() {
 }
 
 # ---- v1 ------------------------------------------------------------------------------------------
-say "applying $(basename "$RELEASE_FILE") (examples/lobe-chat.yaml with 10s steps): $V1"
-k apply -f "$RELEASE_FILE" >/dev/null
+say "applying $(basename "$RELEASE_FILE") (examples/lobe-chat.yaml with 10s steps), routed by $ROUTER: $V1"
+release_manifest | k apply -f - >/dev/null
 note ""
 note "Timeline (kubectl chatrelease status $NAME --watch --timeline):"
 printf '%-8s  %-12s%4s  %s\n' time phase weight "[new analysis: verdict, requests, each check's canary vs stable value (bound) verdict] message"
@@ -138,17 +163,16 @@ printf '%-8s  %-12s%4s  %s\n' time phase weight "[new analysis: verdict, request
 WATCH_PIDS+=($!)
 wait_for_stage "v1" Stable stableImage "$V1"
 
-# Every change of the VirtualService, time-stamped, for the v3 measurement at the end: its routes'
-# subsets, then their weights. (kubectl 1.36 prints only the first event of a watch whose
-# jsonpath uses {range}, hence two flat lists.)
-VS_LOG=$STATE_DIR/virtualservice.log
+# Every change of the route object (VirtualService or HTTPRoute), time-stamped, for the v3
+# measurement at the end: its destinations (subsets or Services), then their weights. (kubectl 1.36
+# prints only the first event of a watch whose jsonpath uses {range}, hence two flat lists.)
+VS_LOG=$STATE_DIR/route.log
 : >"$VS_LOG"
 stamp() { local line; while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done; }
 # "$KUBECTL" itself, not the function k: a backgrounded function is a subshell whose kill leaves
 # kubectl watching, and its open watch held the API server's shutdown for 15 s.
-"$KUBECTL" -n "$NS" get virtualservices.networking.istio.io "$NAME" -w \
-  -o jsonpath='{.spec.http[*].route[*].destination.subset} / {.spec.http[*].route[*].weight}{"\n"}' \
-  2>"$STATE_DIR/logs/virtualservice-watch.log" > >(stamp >"$VS_LOG") &
+"$KUBECTL" -n "$NS" get "$ROUTE_KIND" "$NAME" -w -o jsonpath="$ROUTE_JSONPATH" \
+  2>"$STATE_DIR/logs/route-watch.log" > >(stamp >"$VS_LOG") &
 WATCH_PIDS+=($!)
 
 # ---- v2: good ------------------------------------------------------------------------------------
@@ -165,14 +189,14 @@ wait_for_stage "v3" RolledBack canaryImage "$V3"
 say "v3 rolled back: stable still runs $V2"
 
 # ---- how fast the bad release left the canary -----------------------------------------------------
-# From the first VirtualService state after v3's release with canary weight > 0 to the first one
+# From the first route state after v3's release with canary weight > 0 to the first one
 # after that with no canary weight at all (also no tester route to it).
 canary_share() { # "SUBSET... / WEIGHT...": the sum of the canary's weights over all routes
   local subsets weights sum=0 i
   read -r -a subsets <<<"${1%%/*}"
   read -r -a weights <<<"${1#*/}"
   for i in "${!subsets[@]}"; do
-    [ "${subsets[$i]}" = canary ] && sum=$((sum + ${weights[$i]:-0}))
+    [ "${subsets[$i]}" = "$CANARY_BACKEND" ] && sum=$((sum + ${weights[$i]:-0}))
   done
   echo "$sum"
 }
@@ -188,14 +212,14 @@ measure() {
 }
 deadline=$((SECONDS + 15))
 until span=$(measure); do
-  [ $SECONDS -lt $deadline ] || fail "the VirtualService log does not show v3 on the canary and then 100% stable ($VS_LOG)"
+  [ $SECONDS -lt $deadline ] || fail "the $ROUTE_KIND log does not show v3 on the canary and then 100% stable ($VS_LOG)"
   sleep 0.5
 done
 read -r on off <<<"$span"
 clock() { printf '%(%H:%M:%S)T.%s' "${1%.*}" "$(printf '%.3s' "${1#*.}")"; }
 ms=$(( (${off%.*} * 1000000 + 10#${off#*.} - ${on%.*} * 1000000 - 10#${on#*.}) / 1000 ))
 note ""
-note "VirtualService $NAME, v3:"
+note "$ROUTE_KIND $NAME, v3:"
 note "  $(clock "$on")  canary weight > 0 (v3 takes traffic)"
 note "  $(clock "$off")  100% stable, no route to the canary"
 note "  bad release on the canary for $((ms / 1000)).$(printf '%03d' $((ms % 1000)))s before it was rolled back"
