@@ -18,7 +18,7 @@ use crate::rollout::{Action, Decision};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Response, StatusCode};
+use hyper::{Method, Response, StatusCode, Uri};
 use kube::ResourceExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -809,11 +809,11 @@ fn route(
 }
 
 /// Serves HTTP/1 on `listener` until `shutdown` completes, answering each request with
-/// `handler(method, path)`. Nothing here is specific to the operator: any small metrics or health
-/// endpoint can use it.
+/// `handler(method, uri)`. Nothing here is specific to the operator: any small metrics or health
+/// endpoint can use it (the mesh simulator's reads the query too).
 pub async fn serve_http<H>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>)
 where
-    H: Fn(&Method, &str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    H: Fn(&Method, &Uri) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     let handler = Arc::new(handler);
     tokio::pin!(shutdown);
@@ -835,7 +835,7 @@ where
         let handler = handler.clone();
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let response = handler(request.method(), request.uri().path());
+                let response = handler(request.method(), request.uri());
                 async move { Ok::<_, Infallible>(response) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
@@ -891,7 +891,7 @@ impl MetricsServer {
         let (telemetry, readiness) = (self.telemetry, self.readiness);
         serve_http(
             self.listener,
-            move |method, path| route(method, path, &telemetry, &readiness),
+            move |method, uri: &Uri| route(method, uri.path(), &telemetry, &readiness),
             shutdown,
         )
         .await;

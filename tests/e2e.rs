@@ -47,6 +47,30 @@ const SIM_PROVIDER_ERROR_RATE: &str = "SIM_PROVIDER_ERROR_RATE";
 /// What the judge says when stable is as bad as the canary.
 const SHARED_TROUBLE: &str = "trouble both versions share";
 
+/// A rollout test run once per router: `$istio` routes with Istio's VirtualService, `$gateway`
+/// with a Gateway API HTTPRoute attached to the app's Service (GAMMA); the body is the same.
+macro_rules! both_routers {
+    ($body:ident, $limit:expr, $name:literal: $istio:ident, $gateway:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+        async fn $istio() {
+            run($name, Needs::Operator, $limit, async |t| {
+                $body(t, Router::Istio).await
+            })
+            .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+        async fn $gateway() {
+            run(concat!("gw-", $name), Needs::Operator, $limit, async |t| {
+                $body(t, Router::GatewayApi).await
+            })
+            .await;
+        }
+    };
+}
+
 /// Applies `release` and waits until it is the stable version with all traffic.
 async fn stable_at(t: &TestEnv, release: &Release) -> ChatRelease {
     t.apply(release).await;
@@ -108,26 +132,11 @@ fn has_event(events: &[k8s_openapi::api::events::v1::Event], reason: &str) -> bo
 
 // ----- (a) -------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn a_good_canary_goes_5_25_50_100_and_stable_then_runs_it() {
-    run("good-canary", Needs::Operator, LIMIT, async |t| {
-        a_good_canary_goes_5_25_50_100_and_stable_then_runs_it_with(t, Router::Istio).await
-    })
-    .await;
-}
+both_routers!(good_canary, LIMIT, "good-canary":
+    a_good_canary_goes_5_25_50_100_and_stable_then_runs_it,
+    gw_a_good_canary_goes_5_25_50_100_through_an_httproute);
 
-/// (a) through the Gateway API: the same steps, read from the HTTPRoute's backendRef weights.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn gw_a_good_canary_goes_5_25_50_100_through_an_httproute() {
-    run("gw-good-canary", Needs::Operator, LIMIT, async |t| {
-        a_good_canary_goes_5_25_50_100_and_stable_then_runs_it_with(t, Router::GatewayApi).await
-    })
-    .await;
-}
-
-async fn a_good_canary_goes_5_25_50_100_and_stable_then_runs_it_with(t: &TestEnv, router: Router) {
+async fn good_canary(t: &TestEnv, router: Router) {
     stable_at(t, &Release::version_routed(router, "v1")).await;
     let timeline = t.timeline();
     t.apply(&Release::version_routed(router, "v2")).await;
@@ -341,41 +350,21 @@ async fn assert_watched_the_rollback(live_view: StatusWatch, live_lines: StatusW
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn b_a_canary_answering_5xx_is_rolled_back_and_drained() {
-    run("canary-5xx", Needs::Operator, LIMIT, async |t| {
-        a_failing_canary_is_rolled_back(t, Router::Istio, SIM_ERROR_RATE).await
-    })
-    .await;
+async fn canary_answering_5xx(t: &TestEnv, router: Router) {
+    a_failing_canary_is_rolled_back(t, router, SIM_ERROR_RATE).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn c_a_canary_with_provider_errors_47x_is_rolled_back() {
-    run("canary-47x", Needs::Operator, LIMIT, async |t| {
-        a_failing_canary_is_rolled_back(t, Router::Istio, SIM_PROVIDER_ERROR_RATE).await
-    })
-    .await;
+async fn canary_with_provider_errors(t: &TestEnv, router: Router) {
+    a_failing_canary_is_rolled_back(t, router, SIM_PROVIDER_ERROR_RATE).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn gw_b_a_canary_answering_5xx_is_rolled_back_in_one_httproute_write() {
-    run("gw-canary-5xx", Needs::Operator, LIMIT, async |t| {
-        a_failing_canary_is_rolled_back(t, Router::GatewayApi, SIM_ERROR_RATE).await
-    })
-    .await;
-}
+both_routers!(canary_answering_5xx, LIMIT, "canary-5xx":
+    b_a_canary_answering_5xx_is_rolled_back_and_drained,
+    gw_b_a_canary_answering_5xx_is_rolled_back_in_one_httproute_write);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn gw_c_a_canary_with_provider_errors_47x_is_rolled_back_through_an_httproute() {
-    run("gw-canary-47x", Needs::Operator, LIMIT, async |t| {
-        a_failing_canary_is_rolled_back(t, Router::GatewayApi, SIM_PROVIDER_ERROR_RATE).await
-    })
-    .await;
-}
+both_routers!(canary_with_provider_errors, LIMIT, "canary-47x":
+    c_a_canary_with_provider_errors_47x_is_rolled_back,
+    gw_c_a_canary_with_provider_errors_47x_is_rolled_back_through_an_httproute);
 
 // ----- (d) -------------------------------------------------------------------------------------
 
@@ -444,42 +433,11 @@ async fn d_a_provider_outage_on_both_tracks_holds_without_rollback_then_goes_on(
 
 // ----- (e) -------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile() {
-    run("rollback-annotation", Needs::Operator, LIMIT, async |t| {
-        e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile_with(
-            t,
-            Router::Istio,
-        )
-        .await
-    })
-    .await;
-}
+both_routers!(rollback_annotation, LIMIT, "rollback-annotation":
+    e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile,
+    gw_e_the_rollback_annotation_is_one_httproute_write);
 
-/// (e) through the Gateway API.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn gw_e_the_rollback_annotation_is_one_httproute_write() {
-    run(
-        "gw-rollback-annotation",
-        Needs::Operator,
-        LIMIT,
-        async |t| {
-            e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile_with(
-                t,
-                Router::GatewayApi,
-            )
-            .await
-        },
-    )
-    .await;
-}
-
-async fn e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile_with(
-    t: &TestEnv,
-    router: Router,
-) {
+async fn rollback_annotation(t: &TestEnv, router: Router) {
     stable_at(t, &Release::version_routed(router, "v1")).await;
     let timeline = t.timeline();
     t.apply(&Release::version_routed(router, "v2")).await;
@@ -519,30 +477,11 @@ async fn e_the_rollback_annotation_moves_all_traffic_to_stable_in_one_reconcile_
 
 // ----- (f) -------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote() {
-    run("manual-gate", Needs::Operator, LIMIT, async |t| {
-        f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote_with(t, Router::Istio).await
-    })
-    .await;
-}
+both_routers!(manual_gate, LIMIT, "manual-gate":
+    f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote,
+    gw_f_a_manual_gate_waits_at_25_on_the_httproute);
 
-/// (f) through the Gateway API.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn gw_f_a_manual_gate_waits_at_25_on_the_httproute() {
-    run("gw-manual-gate", Needs::Operator, LIMIT, async |t| {
-        f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote_with(t, Router::GatewayApi)
-            .await
-    })
-    .await;
-}
-
-async fn f_a_manual_gate_waits_at_25_until_kubectl_chatrelease_promote_with(
-    t: &TestEnv,
-    router: Router,
-) {
+async fn manual_gate(t: &TestEnv, router: Router) {
     stable_at(t, &Release::version_routed(router, "v1")).await;
     let timeline = t.timeline();
     t.apply(&Release::version_routed(router, "v2").manual_gates(&[50]))
@@ -1819,47 +1758,11 @@ fn assert_each_analysis_counted_one_window(
 
 // ----- (z): testers and sticky users with real traffic --------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways() {
-    run(
-        "testers-and-sticky",
-        Needs::Operator,
-        LONG_LIMIT,
-        async |t| {
-            z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways_with(
-                t,
-                Router::Istio,
-            )
-            .await
-        },
-    )
-    .await;
-}
+both_routers!(testers_and_sticky_users, LONG_LIMIT, "testers-and-sticky":
+    z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways,
+    gw_z_testers_and_sticky_users_through_an_httproute);
 
-/// (z) through the Gateway API: cookie header matches and set-cookie filters on the backends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
-async fn gw_z_testers_and_sticky_users_through_an_httproute() {
-    run(
-        "gw-testers-and-sticky",
-        Needs::Operator,
-        LONG_LIMIT,
-        async |t| {
-            z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways_with(
-                t,
-                Router::GatewayApi,
-            )
-            .await
-        },
-    )
-    .await;
-}
-
-async fn z_testers_always_reach_the_canary_and_sticky_users_keep_one_version_both_ways_with(
-    t: &TestEnv,
-    router: Router,
-) {
+async fn testers_and_sticky_users(t: &TestEnv, router: Router) {
     let version = |tag: &str| Release::version_routed(router, tag).testers_and_sticky_users();
     stable_at(t, &version("v1")).await;
     let timeline = t.timeline();

@@ -157,9 +157,9 @@ async fn a_scrape_gap_does_not_add_a_tracks_lifetime_to_the_window() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve_http(
         listener,
-        move |_, path| {
+        move |_, uri: &hyper::Uri| {
             let t = unix_now() - *since;
-            if path != "/metrics" {
+            if uri.path() != "/metrics" {
                 reply(StatusCode::NOT_FOUND, "text/plain", String::new())
             } else if GAP.contains(&t) {
                 // The scrape fails: Prometheus writes stale markers for every series.

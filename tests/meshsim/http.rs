@@ -3,16 +3,14 @@
 //! that stops answering would, while traffic and counters go on.
 
 use crate::metrics::MeshMetrics;
-use chatrelease::telemetry::{TEXT, metrics_reply, reply};
+use chatrelease::telemetry::{TEXT, metrics_reply, reply, serve_http};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Response, StatusCode, Uri};
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 /// The path that starts a scrape gap.
 pub const FAIL_SCRAPES_PATH: &str = "/fail-scrapes";
@@ -122,49 +120,6 @@ pub async fn serve_metrics(
     let handler =
         move |method: &Method, uri: &Uri| route(method, uri, &metrics, &gap, Instant::now());
     serve_http(listener, handler, shutdown).await;
-}
-
-/// Serves HTTP/1 on `listener` until `shutdown` completes, answering each request with
-/// `handler(method, uri)`. The library's `telemetry::serve_http` hands its handler the path
-/// alone, and `/fail-scrapes` needs the query.
-async fn serve_http<H>(listener: TcpListener, handler: H, shutdown: impl Future<Output = ()>)
-where
-    H: Fn(&Method, &Uri) -> Response<Full<Bytes>> + Send + Sync + 'static,
-{
-    let handler = Arc::new(handler);
-    tokio::pin!(shutdown);
-    let mut connections = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                // Out of file descriptors and the like: wait a little rather than spin.
-                tracing::warn!(%error, "cannot accept an HTTP connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let handler = handler.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let response = handler(request.method(), request.uri());
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(%error, "HTTP connection ended with an error");
-            }
-        });
-        // Reap finished connections so the set does not grow with every scrape.
-        while connections.try_join_next().is_some() {}
-    }
 }
 
 #[cfg(test)]
