@@ -336,8 +336,10 @@ async fn reconcile_inner(
             return reject(ctx, release, &status, &error.to_string(), now).await;
         }
         Err(error @ Error::RouterUnavailable { .. }) => {
+            // Nothing to retry until the CRD is installed or the spec names the other router:
+            // say so where `kubectl get chr` and `kubectl wait` look, traffic untouched.
             publish(ctx, release, true, "RouterUnavailable", &error.to_string()).await;
-            return Err(error);
+            return reject(ctx, release, &status, &error.to_string(), now).await;
         }
         Err(error) => return Err(error),
     }

@@ -766,7 +766,7 @@ async fn a_stable_release_switches_router_writing_the_new_route_before_deleting_
 }
 
 #[tokio::test]
-async fn a_router_whose_crds_are_missing_is_named_in_a_warning_and_nothing_else_moves() {
+async fn a_router_whose_crds_are_missing_is_named_in_status_and_a_warning_and_nothing_else_moves() {
     let release = through_gateway(ChatRelease::test("v1"));
     let h = Harness::new(&release, t0());
     h.server
@@ -774,14 +774,15 @@ async fn a_router_whose_crds_are_missing_is_named_in_a_warning_and_nothing_else_
         .lock()
         .unwrap()
         .push("httproutes".into());
-    let error = crate::controller::reconcile(std::sync::Arc::new(release), h.ctx.clone())
-        .await
-        .expect_err("the route cannot be written");
+    h.reconcile().await;
+    let status = last_status(&h);
+    assert_eq!(status.phase, Phase::Failed, "kubectl get chr shows it");
     assert!(
-        error
-            .to_string()
+        status
+            .message
             .contains("httproutes.gateway.networking.k8s.io"),
-        "{error}"
+        "{}",
+        status.message
     );
     let events = h.server.events();
     let unavailable = events
