@@ -1150,6 +1150,7 @@ pub const HTTPROUTE_CRD: &str =
 mod tests {
     use super::*;
     use crate::annotations::{LABEL_NAME, LABEL_REVISION, MANAGER};
+    use crate::router::crd_schema::{self, Walk};
     use serde_json::{Value, json};
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -2020,196 +2021,29 @@ mod tests {
 
     // --- The serialized objects against the Gateway API's real CRD ---
 
-    /// The `openAPIV3Schema` of version v1 of the HTTPRoute CRD, from the file of the Gateway
-    /// API's standard-channel CRDs that `make tools` takes from the `sigs.k8s.io/gateway-api`
-    /// module (`make unit-test` names it in `GATEWAY_API_CRDS`, as it hands it to the local
-    /// control plane).
+    /// The HTTPRoute CRD's v1 schema, from the file of the Gateway API's standard-channel CRDs
+    /// that `make tools` takes from the `sigs.k8s.io/gateway-api` module (`make unit-test` names
+    /// it in `GATEWAY_API_CRDS`, as it hands it to the local control plane).
     fn http_route_schema() -> Value {
-        let path = std::env::var("GATEWAY_API_CRDS").unwrap_or_else(|_| {
-            panic!(
-                "GATEWAY_API_CRDS is not set: run `make unit-test`, which fetches the Gateway \
-                 API's CRDs by version and names the file, or set GATEWAY_API_CRDS to a file of \
-                 the Gateway API's standard-channel CRDs"
-            )
-        });
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!(
-                "GATEWAY_API_CRDS={path}: {e} (`make tools` writes it from the \
-                 sigs.k8s.io/gateway-api module)"
-            )
-        });
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let crd = Value::deserialize(doc).unwrap();
-            if crd["metadata"]["name"] != "httproutes.gateway.networking.k8s.io" {
-                continue;
-            }
-            assert_eq!(
-                crd["metadata"]["annotations"]["gateway.networking.k8s.io/channel"],
-                "standard"
-            );
-            let versions = crd["spec"]["versions"].as_array().unwrap();
-            let v1 = versions.iter().find(|v| v["name"] == "v1").unwrap();
-            assert_eq!(v1["served"], true, "HTTPRoute v1 is not served");
-            return v1["schema"]["openAPIV3Schema"].clone();
-        }
-        panic!("GATEWAY_API_CRDS={path} has no httproutes.gateway.networking.k8s.io");
-    }
-
-    /// What the walk of a value through the schema found.
-    #[derive(Default)]
-    struct Walk {
-        /// Where the value breaks the schema, one line each.
-        violations: Vec<String>,
-        /// The messages of the CEL rules on the nodes the value reached: the API server runs
-        /// them, the walk cannot.
-        cel_rules: BTreeSet<String>,
-    }
-
-    /// A pattern of the CRD as a Rust regex (the CRD's patterns are in the shared subset).
-    fn pattern_holds(pattern: &str, text: &str) -> bool {
-        regex::Regex::new(pattern)
-            .unwrap_or_else(|e| panic!("pattern {pattern:?}: {e}"))
-            .is_match(text)
-    }
-
-    /// Walks `value` through `schema` as the API server's structural validation would: types,
-    /// required and unknown fields, enums, patterns, lengths, item counts, bounds and list-map
-    /// keys.
-    fn walk(value: &Value, schema: &Value, path: &str, out: &mut Walk) {
-        if let Some(rules) = schema["x-kubernetes-validations"].as_array() {
-            for rule in rules {
-                out.cel_rules
-                    .insert(rule["message"].as_str().unwrap_or("?").to_string());
-            }
-        }
-        let declared = schema["type"].as_str();
-        let actual = match value {
-            Value::Object(_) => "object",
-            Value::Array(_) => "array",
-            Value::String(_) => "string",
-            Value::Bool(_) => "boolean",
-            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
-            Value::Number(_) => "number",
-            Value::Null => "null",
-        };
-        let type_ok = match declared {
-            None => true,
-            Some("number") => matches!(actual, "number" | "integer"),
-            Some(t) => t == actual,
-        };
-        let mut fail = |what: String| out.violations.push(format!("{path}: {what}"));
-        if !type_ok {
-            fail(format!("{actual} where the CRD has {declared:?}"));
-            return;
-        }
-        if let Some(allowed) = schema["enum"].as_array()
-            && !allowed.contains(value)
-        {
-            fail(format!("{value} is not one of {allowed:?}"));
-        }
-        match value {
-            Value::String(s) => {
-                let length = s.chars().count() as u64;
-                if let Some(max) = schema["maxLength"].as_u64()
-                    && length > max
-                {
-                    fail(format!("{length} characters, more than {max}"));
-                }
-                if let Some(min) = schema["minLength"].as_u64()
-                    && length < min
-                {
-                    fail(format!("{length} characters, fewer than {min}"));
-                }
-                if let Some(pattern) = schema["pattern"].as_str()
-                    && !pattern_holds(pattern, s)
-                {
-                    fail(format!("{s:?} does not match {pattern}"));
-                }
-            }
-            Value::Number(n) => {
-                let n = n.as_f64().unwrap_or(f64::NAN);
-                if schema["maximum"].as_f64().is_some_and(|max| n > max)
-                    || schema["minimum"].as_f64().is_some_and(|min| n < min)
-                {
-                    fail(format!(
-                        "{n} outside {}..={}",
-                        schema["minimum"], schema["maximum"]
-                    ));
-                }
-            }
-            Value::Object(fields) => {
-                let required = schema["required"].as_array().into_iter().flatten();
-                for required in required.filter_map(Value::as_str) {
-                    if !fields.contains_key(required) {
-                        fail(format!("{required}: required and missing"));
-                    }
-                }
-                for (key, child) in fields {
-                    let child_path = format!("{path}.{key}");
-                    if let Some(s) = schema["properties"].get(key) {
-                        walk(child, s, &child_path, out);
-                    } else if schema["additionalProperties"].is_object() {
-                        walk(child, &schema["additionalProperties"], &child_path, out);
-                    } else if schema["x-kubernetes-preserve-unknown-fields"] != true {
-                        out.violations
-                            .push(format!("{child_path}: not a field of the CRD"));
-                    }
-                }
-            }
-            Value::Array(items) => {
-                let count = items.len() as u64;
-                if let Some(max) = schema["maxItems"].as_u64()
-                    && count > max
-                {
-                    fail(format!("{count} items, more than {max}"));
-                }
-                if let Some(min) = schema["minItems"].as_u64()
-                    && count < min
-                {
-                    fail(format!("{count} items, fewer than {min}"));
-                }
-                if schema["x-kubernetes-list-type"] == "map" {
-                    let keys = schema["x-kubernetes-list-map-keys"].as_array().unwrap();
-                    let key_of = |item: &Value| -> Vec<Value> {
-                        keys.iter()
-                            .map(|k| item[k.as_str().unwrap()].clone())
-                            .collect()
-                    };
-                    for (i, item) in items.iter().enumerate() {
-                        if items[..i]
-                            .iter()
-                            .any(|earlier| key_of(earlier) == key_of(item))
-                        {
-                            fail(format!(
-                                "[{i}]: a second item with the key {:?}",
-                                key_of(item)
-                            ));
-                        }
-                    }
-                }
-                for (i, item) in items.iter().enumerate() {
-                    walk(item, &schema["items"], &format!("{path}[{i}]"), out);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Top-level keys are Kubernetes'; the spec is walked field by field.
-    fn check_against_crd(route: &Value) -> Walk {
-        let schema = http_route_schema();
-        assert_eq!(route["apiVersion"], "gateway.networking.k8s.io/v1");
-        assert_eq!(route["kind"], "HTTPRoute");
-        let top: Vec<_> = route.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(top, vec!["apiVersion", "kind", "metadata", "spec"]);
-        let mut out = Walk::default();
-        walk(
-            &route["spec"],
-            &schema["properties"]["spec"],
-            "spec",
-            &mut out,
+        let crd = crd_schema::crd(
+            "GATEWAY_API_CRDS",
+            "the sigs.k8s.io/gateway-api module",
+            "httproutes.gateway.networking.k8s.io",
         );
-        out
+        assert_eq!(
+            crd["metadata"]["annotations"]["gateway.networking.k8s.io/channel"],
+            "standard"
+        );
+        crd_schema::v1_schema(&crd)
+    }
+
+    fn check_against_crd(route: &Value) -> Walk {
+        crd_schema::check(
+            route,
+            &http_route_schema(),
+            "gateway.networking.k8s.io/v1",
+            "HTTPRoute",
+        )
     }
 
     /// Every kind of HTTPRoute the builder writes: plain, sticky, testers of every kind, at
@@ -2336,7 +2170,7 @@ mod tests {
                  String(\"CONNECT\"), String(\"OPTIONS\"), String(\"TRACE\"), String(\"PATCH\")]",
                 "spec.rules[0].timeout: not a field of the CRD",
                 "spec.rules[1].matches[0].headers: [1]: a second item with the key [String(\"a\")]",
-                "spec.rules[2].matches[0].headers[0]: value: required and missing",
+                "spec.rules[2].matches[0].headers[0].value: required and missing",
                 "spec.rules[3].backendRefs[0].weight: -1 outside 0..=1000000",
                 "spec.rules[3].backendRefs[1].filters[0].type: \"AddHeader\" is not one of \
                  [String(\"RequestHeaderModifier\"), String(\"ResponseHeaderModifier\"), \

@@ -372,6 +372,7 @@ impl TrafficRouter for IstioRouter {
 mod tests {
     use super::*;
     use crate::annotations::MANAGER;
+    use crate::router::crd_schema;
     use assert_json_diff::assert_json_eq;
     use http::{Method, Request, Response};
     use kube::client::Body;
@@ -709,97 +710,13 @@ mod tests {
 
     // --- The serialized objects against Istio's real CRDs ---
 
-    /// The `openAPIV3Schema` of version v1 of the CRD named `crd_name`, from the file of Istio's
+    /// Where `object` breaks version v1 of the Istio CRD `crd_name`, from the file of Istio's
     /// CRDs that `make tools` cuts from the `istio.io/api` module (`make unit-test` names it in
     /// `ISTIO_CRDS`, as it hands it to the local control plane).
-    fn istio_schema(crd_name: &str) -> Value {
-        let path = std::env::var("ISTIO_CRDS").unwrap_or_else(|_| {
-            panic!(
-                "ISTIO_CRDS is not set: run `make unit-test`, which fetches Istio's CRDs by \
-                 version and names the file, or set ISTIO_CRDS to a file of Istio's CRDs"
-            )
-        });
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!("ISTIO_CRDS={path}: {e} (`make tools` writes it from the istio.io/api module)")
-        });
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let crd = Value::deserialize(doc).unwrap();
-            if crd["metadata"]["name"] != crd_name {
-                continue;
-            }
-            let versions = crd["spec"]["versions"].as_array().unwrap();
-            let v1 = versions.iter().find(|v| v["name"] == "v1").unwrap();
-            assert_eq!(v1["served"], true, "{crd_name} v1 is not served");
-            return v1["schema"]["openAPIV3Schema"].clone();
-        }
-        panic!("{crd_name} is not in the test data");
-    }
-
-    /// Every field of `value` that `schema` does not declare, has with another type, or every
-    /// required field it lacks, as a path.
-    fn schema_violations(value: &Value, schema: &Value, path: &str, out: &mut Vec<String>) {
-        let declared = schema["type"].as_str();
-        let actual = match value {
-            Value::Object(_) => "object",
-            Value::Array(_) => "array",
-            Value::String(_) => "string",
-            Value::Bool(_) => "boolean",
-            Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
-            Value::Number(_) => "number",
-            Value::Null => "null",
-        };
-        let type_ok = match declared {
-            None => true,
-            Some("number") => matches!(actual, "number" | "integer"),
-            Some(t) => t == actual,
-        };
-        if !type_ok {
-            out.push(format!("{path}: {actual} where the CRD has {declared:?}"));
-            return;
-        }
-        match value {
-            Value::Object(fields) => {
-                let required = schema["required"].as_array().into_iter().flatten();
-                for required in required.filter_map(Value::as_str) {
-                    if !fields.contains_key(required) {
-                        out.push(format!("{path}.{required}: required and missing"));
-                    }
-                }
-                for (key, child) in fields {
-                    let child_path = format!("{path}.{key}");
-                    if let Some(s) = schema["properties"].get(key) {
-                        schema_violations(child, s, &child_path, out);
-                    } else if schema["additionalProperties"].is_object() {
-                        schema_violations(child, &schema["additionalProperties"], &child_path, out);
-                    } else if schema["x-kubernetes-preserve-unknown-fields"] != true {
-                        out.push(format!("{child_path}: not a field of the CRD"));
-                    }
-                }
-            }
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    schema_violations(item, &schema["items"], &format!("{path}[{i}]"), out);
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Top-level keys are Kubernetes', not the CRD schema's; the spec is walked field by field.
     fn check_against_crd(object: &Value, crd_name: &str, kind: &str) -> Vec<String> {
-        let schema = istio_schema(crd_name);
-        assert_eq!(object["apiVersion"], "networking.istio.io/v1");
-        assert_eq!(object["kind"], kind);
-        let top: Vec<_> = object.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(top, vec!["apiVersion", "kind", "metadata", "spec"]);
-        let mut out = Vec::new();
-        schema_violations(
-            &object["spec"],
-            &schema["properties"]["spec"],
-            "spec",
-            &mut out,
-        );
-        out
+        let crd = crd_schema::crd("ISTIO_CRDS", "the istio.io/api module", crd_name);
+        let schema = crd_schema::v1_schema(&crd);
+        crd_schema::check(object, &schema, "networking.istio.io/v1", kind).violations
     }
 
     #[test]

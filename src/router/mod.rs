@@ -2,6 +2,8 @@
 //! (`istio.rs`: a VirtualService and a DestinationRule) and the Gateway API (`gateway_api.rs`:
 //! an HTTPRoute and a Service per track) are the two; the rollout decision knows neither.
 
+#[cfg(test)]
+mod crd_schema;
 pub mod gateway_api;
 pub mod istio;
 
