@@ -3,7 +3,7 @@
 //! records Events. All deciding happens in `rollout`; this file only does I/O.
 
 use crate::annotations::{Command, Commands, MANAGER};
-use crate::crd::{ChatRelease, ChatReleaseStatus};
+use crate::crd::{ChatRelease, ChatReleaseStatus, Phase};
 use crate::error::Error;
 use crate::metrics::{AnalysisTarget, MetricsSource};
 use crate::rollout::{self, Decision, Plan, TrackPlan, World};
@@ -59,6 +59,34 @@ pub struct Context {
     pub observer: Option<Arc<dyn ReconcileObserver>>,
     /// The generation each of our own Deployment writes produced, until the cache has seen it.
     written: std::sync::Mutex<std::collections::HashMap<ObjectRef<Deployment>, i64>>,
+    /// When the sequential test last looked at each ChatRelease (`analysis.watchEvery` paces
+    /// it). Memory only: a restarted operator looks again at once, and the counts since the
+    /// step began carry the test on.
+    watched: std::sync::Mutex<std::collections::HashMap<ObjectRef<ChatRelease>, Timestamp>>,
+}
+
+impl Context {
+    /// Whether `watch_every` has passed since the last look at `release`; if so, this is one.
+    fn watch_paced(
+        &self,
+        release: ObjectRef<ChatRelease>,
+        now: Timestamp,
+        every: Duration,
+    ) -> bool {
+        let mut watched = self.watched.lock().unwrap();
+        // The clock has whole seconds: a look a hair early is on time.
+        let due = watched
+            .get(&release)
+            .is_none_or(|last| rollout::later(*last, every) <= later_by_a_second(now));
+        if due {
+            watched.insert(release, now);
+        }
+        due
+    }
+}
+
+fn later_by_a_second(now: Timestamp) -> Timestamp {
+    rollout::later(now, Duration::from_secs(1))
 }
 
 impl Context {
@@ -88,6 +116,7 @@ impl Context {
             }),
             observer: None,
             written: Default::default(),
+            watched: Default::default(),
         }
     }
 }
@@ -313,7 +342,40 @@ async fn reconcile_inner(
     } else {
         None
     };
-    let mut decision = rollout::decide(&settings, &status, &world, observations.as_ref(), now);
+    // Between the interval's analyses, the sequential test may stop a bad canary at once.
+    let stopped_early = match settings.watch_every {
+        Some(every)
+            if observations.is_none()
+                && rollout::watch_due(&settings, &status, &world, now)
+                && ctx.watch_paced(ObjectRef::from_obj(release), now, every) =>
+        {
+            let mut target = analysis_target(
+                release,
+                &settings,
+                &status,
+                &namespace,
+                &name,
+                &ctx.default_prometheus,
+                now,
+            );
+            target.window = rollout::watch_window(&status, now);
+            target.custom.clear();
+            let seen = ctx.metrics.observe(&target).await;
+            rollout::decide_watch(&settings, &status, &world, &seen, now)
+        }
+        _ => None,
+    };
+    let mut decision = match stopped_early {
+        Some(decision) => decision,
+        None => rollout::decide(&settings, &status, &world, observations.as_ref(), now),
+    };
+    if let Some(every) = settings.watch_every
+        && matches!(decision.status.phase, Phase::Progressing | Phase::Paused)
+        && decision.status.canary_weight > 0
+    {
+        // The next look of the sequential test, not only the next analysis.
+        decision.requeue_after = decision.requeue_after.min(every);
+    }
     // Which router carries the traffic is I/O, not the decision's: it changes only once the
     // new router's routes are written and the old one's objects are gone.
     decision.status.router = Some(previous_router.as_str().to_string());

@@ -514,6 +514,15 @@ pub struct Analysis {
     #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("1s", "24h"))
         .message("analysis.window must be from 1s to 24h"))]
     pub window: Option<String>,
+    /// How often, between the interval's analyses, the canary is watched for overwhelming
+    /// evidence that it is worse than stable (a sequential test that may roll back at once).
+    /// Default 10s; 0s turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("0s", "1h"))
+        .message("analysis.watchEvery must be from 0s (off) to 1h"))]
+    pub watch_every: Option<String>,
     /// Fewer canary requests than this in a window make the analysis inconclusive.
     #[serde(default = "default_min_requests")]
     #[schemars(range(min = 1, max = 1_000_000_000))]
@@ -544,6 +553,7 @@ impl Default for Analysis {
         Self {
             prometheus: None,
             window: None,
+            watch_every: None,
             min_requests: default_min_requests(),
             failure_limit: default_failure_limit(),
             compare_to_stable: true,

@@ -17,7 +17,7 @@ use kube::client::Body;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub const NAMESPACE: &str = "chat";
@@ -116,32 +116,47 @@ pub fn deployment(release: &ChatRelease, track: Track, replicas: i32, ready: i32
 
 /// Metrics that always answer the same, counting how often they were asked.
 pub struct FixedMetrics {
-    pub observations: Observations,
-    pub asked: AtomicUsize,
+    pub observations: Mutex<Observations>,
+    /// The window of every question asked, in order.
+    pub windows: Mutex<Vec<std::time::Duration>>,
 }
 
 impl FixedMetrics {
     pub fn healthy() -> Self {
-        let track = |requests: f64, errors: f64| TrackSample {
-            requests: Some(requests),
-            errors: Some(errors),
-            latency_p99_ms: Some(800.0),
-            custom: Default::default(),
-        };
         Self {
-            observations: Observations::Sampled {
-                canary: track(2000.0, 2.0),
-                stable: track(38000.0, 40.0),
-            },
-            asked: AtomicUsize::new(0),
+            observations: Mutex::new(Observations::Sampled {
+                canary: track_sample(2000.0, 2.0),
+                stable: track_sample(38000.0, 40.0),
+            }),
+            windows: Mutex::default(),
         }
+    }
+
+    /// Analyses over `window` asked so far.
+    pub fn asked_over(&self, window: std::time::Duration) -> usize {
+        let windows = self.windows.lock().expect("windows lock");
+        windows.iter().filter(|w| **w == window).count()
+    }
+}
+
+/// A track's numbers with a P99 of 800 ms.
+pub fn track_sample(requests: f64, errors: f64) -> TrackSample {
+    TrackSample {
+        requests: Some(requests),
+        errors: Some(errors),
+        latency_p99_ms: Some(800.0),
+        custom: Default::default(),
     }
 }
 
 impl MetricsSource for FixedMetrics {
-    fn observe<'a>(&'a self, _target: &'a AnalysisTarget) -> BoxFuture<'a, Observations> {
-        self.asked.fetch_add(1, Ordering::SeqCst);
-        Box::pin(async move { self.observations.clone() })
+    fn observe<'a>(&'a self, target: &'a AnalysisTarget) -> BoxFuture<'a, Observations> {
+        self.windows
+            .lock()
+            .expect("windows lock")
+            .push(target.window);
+        let observations = self.observations.lock().expect("observations lock").clone();
+        Box::pin(async move { observations })
     }
 }
 

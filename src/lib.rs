@@ -20,6 +20,7 @@ pub mod prometheus;
 mod reconcile_tests;
 pub mod rollout;
 pub mod router;
+pub mod sequential;
 pub mod settings;
 pub mod simulate;
 pub mod telemetry;

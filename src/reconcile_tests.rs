@@ -8,6 +8,9 @@ use crate::workload::Track;
 use jiff::{SignedDuration, Timestamp};
 use std::sync::atomic::Ordering;
 
+/// `strategy.interval` of the fixtures' ChatReleases: the window of a scheduled analysis.
+const INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn t0() -> Timestamp {
     "2026-11-21T12:00:00Z".parse().expect("timestamp")
 }
@@ -277,7 +280,7 @@ async fn rollback_annotation_moves_all_traffic_in_one_virtualservice_write() {
         "canary pods stay to drain"
     );
     assert_eq!(
-        h.metrics.asked.load(Ordering::SeqCst),
+        h.metrics.asked_over(INTERVAL),
         0,
         "no analysis when rolling back"
     );
@@ -290,7 +293,7 @@ async fn promotion_updates_stable_first_returns_traffic_when_it_is_whole_then_dr
     let mut h = running_canary(&v1, &v2, 3, t0() + minutes(1));
 
     h.reconcile().await;
-    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 1);
+    assert_eq!(h.metrics.asked_over(INTERVAL), 1);
     let stable = h.server.deployment_applies(Track::Stable);
     assert_eq!(stable.len(), 1, "stable gets the new template");
     assert_eq!(applied_revision(&stable[0]), v2.revision());
@@ -351,17 +354,17 @@ async fn one_analysis_per_interval_even_across_a_restart() {
 
     h.reconcile().await;
     assert_eq!(
-        h.metrics.asked.load(Ordering::SeqCst),
+        h.metrics.asked_over(INTERVAL),
         0,
         "not due before the interval"
     );
     h.set_time(t0() + minutes(1));
     h.reconcile().await;
-    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 1);
+    assert_eq!(h.metrics.asked_over(INTERVAL), 1);
     assert_eq!(last_status(&h).canary_weight, 25);
     // A restarted operator reads the same status: the step just taken is not analysed again.
     h.reconcile().await;
-    assert_eq!(h.metrics.asked.load(Ordering::SeqCst), 1);
+    assert_eq!(h.metrics.asked_over(INTERVAL), 1);
     assert_eq!(split(&h.server.virtual_service_writes()[0]), (75, 25));
 }
 
@@ -793,5 +796,65 @@ async fn a_router_whose_crds_are_missing_is_named_in_status_and_a_warning_and_no
     assert!(
         h.server.deployment_applies(Track::Stable).is_empty(),
         "no Deployment is written before the route can be"
+    );
+}
+
+#[tokio::test]
+async fn between_analyses_the_sequential_test_stops_a_canary_failing_half_its_requests() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let h = running_canary(&v1, &v2, 0, t0() + SignedDuration::from_secs(10));
+    *h.metrics.observations.lock().unwrap() = crate::metrics::Observations::Sampled {
+        canary: track_sample(100.0, 50.0),
+        stable: track_sample(1900.0, 0.0),
+    };
+
+    h.reconcile().await;
+    // It looked at the 10 s since the step began, not at a whole interval's window.
+    assert_eq!(
+        *h.metrics.windows.lock().unwrap(),
+        [std::time::Duration::from_secs(10)]
+    );
+    let status = last_status(&h);
+    assert_eq!(status.phase, Phase::RolledBack);
+    assert!(
+        status.message.contains("sequential test")
+            && status
+                .message
+                .contains("canary error rate 50.00% over 100 requests"),
+        "{}",
+        status.message
+    );
+    assert_eq!(split(&h.server.virtual_service_writes()[0]), (100, 0));
+    assert!(event_reasons(&h).contains(&"RolledBack".to_string()));
+}
+
+#[tokio::test]
+async fn a_healthy_canary_is_watched_every_watch_every_but_only_the_interval_advances_it() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let h = running_canary(&v1, &v2, 0, t0() + SignedDuration::from_secs(10));
+    let action = h.reconcile().await;
+    assert_eq!(h.metrics.windows.lock().unwrap().len(), 1, "one look");
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10)),
+        "the next look, not the next analysis"
+    );
+    assert!(
+        h.server.status_writes().is_empty() || last_status(&h).canary_weight == 5,
+        "a look never advances"
+    );
+    // Five seconds later it is not time to look again.
+    h.set_time(t0() + SignedDuration::from_secs(15));
+    h.reconcile().await;
+    assert_eq!(h.metrics.windows.lock().unwrap().len(), 1);
+    h.set_time(t0() + SignedDuration::from_secs(20));
+    h.reconcile().await;
+    assert_eq!(h.metrics.windows.lock().unwrap().len(), 2);
+    assert_eq!(
+        h.metrics.asked_over(INTERVAL),
+        0,
+        "no analysis before the interval"
     );
 }

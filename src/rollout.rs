@@ -174,6 +174,74 @@ pub fn analysis_window(
     settings.window.min(since_start.max(Duration::from_secs(1)))
 }
 
+/// Whether the sequential test should look now, between the interval's analyses: a step with
+/// weight and Ready pods, nothing asked by annotation, and no scheduled analysis due (that one
+/// judges everything, the sequential test included). How often is the controller's to pace
+/// (`analysis.watchEvery`); a restarted operator simply looks again.
+pub fn watch_due(
+    settings: &Settings,
+    status: &ChatReleaseStatus,
+    world: &World,
+    now: Timestamp,
+) -> bool {
+    settings.watch_every.is_some()
+        && matches!(status.phase, Phase::Progressing | Phase::Paused)
+        && status.pause_reason != Some(PauseReason::Annotation)
+        && status.current_step.is_some()
+        && status.canary_weight > 0
+        && status.canary_unready_since.is_none()
+        && status.canary_revision.as_deref() == Some(world.desired_revision.as_str())
+        && status.step_started_at.is_some()
+        && world.commands == Commands::default()
+        && !analysis_due(settings, status, &world.commands, now)
+}
+
+/// The sequential test's window: every request since the step began (never before the canary
+/// revision started), so each look weighs all the step's evidence at once.
+pub fn watch_window(status: &ChatReleaseStatus, now: Timestamp) -> Duration {
+    let since = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+        t.map(|t| Duration::try_from(now.duration_since(t.0)).unwrap_or(Duration::ZERO))
+    };
+    let step = since(status.step_started_at.as_ref()).unwrap_or(Duration::ZERO);
+    let canary = since(status.canary_started_at.as_ref()).unwrap_or(step);
+    step.min(canary).max(Duration::from_secs(1))
+}
+
+/// A rollback, when the counts since the step began are overwhelming evidence that the canary's
+/// error rate is above stable's ([`crate::sequential`]); otherwise nothing: the interval's
+/// analysis decides everything else, advancing included (a step is earned with time).
+pub fn decide_watch(
+    settings: &Settings,
+    status: &ChatReleaseStatus,
+    world: &World,
+    observations: &Observations,
+    now: Timestamp,
+) -> Option<Decision> {
+    if !watch_due(settings, status, world, now) {
+        return None;
+    }
+    let Observations::Sampled { canary, stable } = observations else {
+        return None;
+    };
+    let counts = |t: &crate::metrics::TrackSample| crate::sequential::Counts {
+        requests: t.requests.unwrap_or(0.0),
+        errors: t.errors.unwrap_or(0.0),
+    };
+    let evidence =
+        crate::sequential::error_evidence(counts(canary), counts(stable), &settings.judge);
+    if !evidence.stop {
+        return None;
+    }
+    let mut d = Draft::new(settings, status, world, now);
+    d.plan.canary = TrackPlan::Keep;
+    d.rollback(format!(
+        "stopped early at {}%: {}",
+        status.canary_weight,
+        evidence.describe()
+    ));
+    Some(d.finish())
+}
+
 /// An interval after the later of the step's start and the last analysis.
 fn next_analysis_at(settings: &Settings, status: &ChatReleaseStatus) -> Option<Timestamp> {
     let step = status.step_started_at.as_ref().map(|t| t.0);
@@ -1159,7 +1227,7 @@ impl<'a> Draft<'a> {
 
 /// `at + d`, or the end of time: a status time near jiff's limit plus a long duration must not
 /// panic (overflowing `+` does), and "never" is the right reading of a sum past year 9999.
-fn later(at: Timestamp, d: Duration) -> Timestamp {
+pub fn later(at: Timestamp, d: Duration) -> Timestamp {
     SignedDuration::try_from(d)
         .ok()
         .and_then(|d| at.checked_add(d).ok())

@@ -36,6 +36,8 @@ pub struct Settings {
     pub manual_gates: Vec<i32>,
     pub interval: Duration,
     pub window: Duration,
+    /// Between analyses, how often the sequential test looks at the step's counts; `None`: off.
+    pub watch_every: Option<Duration>,
     pub drain_timeout: Duration,
     pub progress_deadline: Duration,
     pub judge: JudgeSettings,
@@ -101,6 +103,11 @@ impl Settings {
         };
 
         let analysis = &spec.analysis;
+        let watch_every = match &analysis.watch_every {
+            Some(w) => parse_duration("analysis.watchEvery", w, WATCH_EVERY_RANGE)?,
+            None => DEFAULT_WATCH_EVERY,
+        };
+        let watch_every = (!watch_every.is_zero()).then_some(watch_every);
         if !(1..=MAX_MIN_REQUESTS).contains(&analysis.min_requests) {
             return Err(SpecError::new(
                 "analysis.minRequests",
@@ -128,6 +135,7 @@ impl Settings {
             manual_gates: strategy.manual_gates.clone(),
             interval,
             window,
+            watch_every,
             drain_timeout: parse_duration(
                 "strategy.drainTimeout",
                 &strategy.drain_timeout,
@@ -246,6 +254,11 @@ const DAY: u64 = 24 * 3600;
 /// `strategy.interval` and `analysis.window`: a query range Prometheus can answer.
 pub const INTERVAL_RANGE: DurationRange = range(1, DAY);
 pub const WINDOW_RANGE: DurationRange = range(1, DAY);
+/// `analysis.watchEvery`: 0s turns the sequential watch off.
+pub const WATCH_EVERY_RANGE: DurationRange = range(0, 3600);
+/// Five of Istio's default 2s/15s scrapes apart at most: often enough to stop a bad canary
+/// within seconds, rarely enough that each look sees new samples.
+pub const DEFAULT_WATCH_EVERY: Duration = Duration::from_secs(10);
 /// `strategy.drainTimeout`: 0s means no drain.
 pub const DRAIN_TIMEOUT_RANGE: DurationRange = range(0, DAY);
 /// `strategy.progressDeadline`: canary pods need some time to start.
