@@ -12,7 +12,7 @@ include charts/chart.mk
 include tests/e2e/e2e.mk
 include tests/cluster/demo.mk
 
-.PHONY: all build test unit-test fresh-clone-test lint fmt crds
+.PHONY: all build test unit-test fresh-clone-test lint fmt crds bench-judge
 
 all: build
 
@@ -33,6 +33,11 @@ unit-test: $(HELM) $(ISTIO_CRDS) $(GATEWAY_API_CRDS)
 ## repository (no ../shared), and the README's set-up commands stay `make demo` and `make test`.
 fresh-clone-test: $(HELM) $(ISTIO_CRDS) $(GATEWAY_API_CRDS)
 	@TOOLS_DIR='$(TOOLS_DIR)' MAKE='$(MAKE)' bash tests/fresh_clone.sh
+
+## Today's fixed-interval judge beside the sequential test on synthetic traffic (no cluster):
+## false rollbacks and time to rollback, printed as a table. BENCH_JUDGE_RUNS=1000 runs a row.
+bench-judge:
+	$(CARGO) bench --bench judge
 
 lint:
 	$(CARGO) fmt --check

@@ -1987,3 +1987,46 @@ async fn gw_s_the_router_switches_only_while_stable_and_removes_the_old_routes_a
     })
     .await;
 }
+
+// ----- (zd): the sequential test -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zd_under_a_one_minute_interval_a_canary_failing_half_its_requests_is_stopped_in_seconds() {
+    run("sequential-stop", Needs::Operator, LIMIT, async |t| {
+        let minute = Duration::from_secs(60);
+        stable_at(t, &Release::version("v1").interval(minute)).await;
+        let timeline = t.timeline();
+        t.apply(
+            &Release::version("v2")
+                .interval(minute)
+                .env(SIM_ERROR_RATE, "0.5"),
+        )
+        .await;
+        let rolled_back = t.wait_phase(Phase::RolledBack, minute).await;
+        t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+        caught_up(t, &timeline).await;
+        assert_eq!(
+            timeline.canary_weights(),
+            [0, 5, 0],
+            "{}",
+            timeline.describe()
+        );
+        let message = rolled_back.status.unwrap_or_default().message;
+        assert!(
+            message.contains("stopped early at 5%: sequential test"),
+            "{message}"
+        );
+        let splits = timeline.splits();
+        let from = splits.iter().find(|(_, s)| s.canary > 0).map(|(at, _)| *at);
+        let to = splits.iter().rev().find(|(_, s)| s.canary == 0).map(|(at, _)| *at);
+        let held = to.zip(from).map(|(to, from)| to - from).expect("weight given and withdrawn");
+        report(&format!(
+            "{}: a canary failing half its requests held weight {:.1}s under interval 1m: {message}",
+            t.test,
+            held.as_secs_f64()
+        ));
+        assert!(held <= Duration::from_secs(20), "held weight {held:?}");
+    })
+    .await;
+}

@@ -405,6 +405,8 @@ pub struct Release {
     pub env: Vec<(String, String)>,
     pub manual_gates: Vec<i32>,
     pub failure_limit: Option<i32>,
+    /// `strategy.interval` (and `analysis.window`), when not INTERVAL.
+    pub interval: Option<Duration>,
     pub prometheus: Option<String>,
     /// `spec.analysis.latencyP99.max`.
     pub latency_p99: Option<String>,
@@ -454,7 +456,14 @@ impl Release {
             node_selector: None,
             traffic: None,
             router: Router::Istio,
+            interval: None,
         }
+    }
+
+    /// `strategy.interval` and `analysis.window`.
+    pub fn interval(mut self, interval: Duration) -> Release {
+        self.interval = Some(interval);
+        self
     }
 
     /// [`Release::version`] routed by `router`; the Gateway API's route attaches to the app's
@@ -532,7 +541,7 @@ impl Release {
             .collect();
         let secs = |d: Duration| format!("{}s", d.as_secs());
         let mut analysis = json!({
-            "window": secs(INTERVAL),
+            "window": secs(self.interval.unwrap_or(INTERVAL)),
             "minRequests": self.min_requests.unwrap_or(MIN_REQUESTS),
             "compareToStable": true,
             "errorRate": {"max": "1%"},
@@ -568,7 +577,7 @@ impl Release {
                 "service": {"port": 80, "targetPort": 3210},
                 "strategy": {
                     "steps": [5, 25, 50, 100],
-                    "interval": secs(INTERVAL),
+                    "interval": secs(self.interval.unwrap_or(INTERVAL)),
                     "manualGates": self.manual_gates,
                     "drainTimeout": secs(DRAIN_TIMEOUT),
                     "progressDeadline": secs(PROGRESS_DEADLINE),
