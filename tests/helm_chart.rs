@@ -562,9 +562,10 @@ fn all_on_values_add_the_servicemonitor_and_dashboard_and_change_image_logs_and_
         monitor["metadata"]["labels"]["release"],
         "kube-prometheus-stack"
     );
+    // honorLabels: the ChatRelease's `namespace` label wins over the target's.
     assert_eq!(
         monitor["spec"]["endpoints"],
-        json!([{"port": "http-metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}])
+        json!([{"port": "http-metrics", "path": "/metrics", "honorLabels": true, "interval": "15s", "scrapeTimeout": "5s"}])
     );
     assert_eq!(
         monitor["spec"]["selector"]["matchLabels"],
