@@ -512,7 +512,7 @@ fn the_operator_runs_two_replicas_hardened_with_probes_and_its_pod_identity() {
 
 #[test]
 #[ignore = "needs Helm: make chart-lint"]
-fn all_on_values_add_the_servicemonitor_and_dashboard_and_change_image_logs_and_resources() {
+fn all_on_values_add_the_servicemonitor_alerts_and_dashboard_and_change_image_logs_and_resources() {
     let objects = all_on();
     let c = container(&objects);
     assert_eq!(
@@ -571,6 +571,19 @@ fn all_on_values_add_the_servicemonitor_and_dashboard_and_change_image_logs_and_
         monitor["spec"]["selector"]["matchLabels"],
         one(&objects, "Service")["spec"]["selector"]
     );
+
+    let rule = one(&objects, "PrometheusRule");
+    assert_eq!(rule["metadata"]["namespace"], "monitoring");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let alerts = alerts_of(rule);
+    assert!(
+        alerts.values().all(|a| a["labels"]["team"] == "platform"),
+        "ruleLabels on every alert"
+    );
+    assert_eq!(alerts["ChatReleasePausedTooLong"]["for"], "30m");
 
     let dashboard_map = one(&objects, "ConfigMap");
     assert_eq!(dashboard_map["metadata"]["namespace"], "monitoring");
@@ -1057,12 +1070,12 @@ mod api_server {
         dry_run(&objects);
     }
 
-    /// The prometheus-operator CRD is not part of the control plane. The test installs a
-    /// minimal ServiceMonitor CRD (charts/testdata) whose schema has exactly the fields the chart
-    /// writes, and prunes nothing: a misspelled field is refused by the strict field validation
-    /// of `kubectl apply --server-side`.
-    fn install_servicemonitor_crd() {
-        let crd = Path::new(ROOT).join("charts/testdata/servicemonitor-crd.yaml");
+    /// prometheus-operator's CRDs are not part of the control plane. The test installs a
+    /// minimal ServiceMonitor or PrometheusRule CRD (charts/testdata) whose schema has exactly
+    /// the fields the chart writes, and prunes nothing: a misspelled field is refused by the
+    /// strict field validation of `kubectl apply --server-side`.
+    fn install_testdata_crd(file: &str, name: &str) {
+        let crd = Path::new(ROOT).join("charts/testdata").join(file);
         kubectl_ok(
             &[
                 "apply",
@@ -1078,7 +1091,7 @@ mod api_server {
                 "wait",
                 "--for=condition=Established",
                 "--timeout=30s",
-                "crd/servicemonitors.monitoring.coreos.com",
+                &format!("crd/{name}"),
             ],
             None,
         );
@@ -1087,14 +1100,22 @@ mod api_server {
     #[test]
     #[ignore = "needs Helm and an API server: make chart-test"]
     fn all_on_values_pass_a_server_side_dry_run() {
-        install_servicemonitor_crd();
+        install_testdata_crd(
+            "servicemonitor-crd.yaml",
+            "servicemonitors.monitoring.coreos.com",
+        );
+        install_testdata_crd(
+            "prometheusrule-crd.yaml",
+            "prometheusrules.monitoring.coreos.com",
+        );
         let ns = Namespace::new("chart-all-on");
         let leases = Namespace::new("chart-leases");
         let monitoring = Namespace::new("chart-monitoring");
         // The namespaces the values file names exist in a real cluster; here, the test's own.
         let set = format!(
-            "leaderElection.namespace={},dashboard.namespace={},watchNamespace={}",
-            leases.0, monitoring.0, ns.0
+            "leaderElection.namespace={},dashboard.namespace={},prometheusRule.namespace={},\
+             watchNamespace={}",
+            leases.0, monitoring.0, monitoring.0, ns.0
         );
         let objects = render(
             &ns.0,
@@ -1110,6 +1131,7 @@ mod api_server {
         .unwrap();
         for kind in [
             "ServiceMonitor",
+            "PrometheusRule",
             "ConfigMap",
             "PodDisruptionBudget",
             "CustomResourceDefinition",
