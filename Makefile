@@ -19,8 +19,9 @@ all: build
 build:
 	$(CARGO) build --release --bins
 
-## Every test. The unit tests first: they are quick and need no control plane.
-test: unit-test fresh-clone-test e2e
+## Every test. The unit tests first: they are quick and need no control plane; then the chart's
+## alerts through promtool.
+test: unit-test alert-test fresh-clone-test e2e
 
 ## Judge, state machine, every scenario in tests/scenarios (and ../shared/scenarios when it
 ## exists), reconciler on a mocked API server, our routes against Istio's CRDs, CLI, chart checks

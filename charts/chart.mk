@@ -9,6 +9,8 @@
 #                      running under the chart's RBAC, on E2E_STATE_DIR's control plane if set,
 #                      else on a throw-away one it starts and stops
 #   make chart-package package the chart into .local/charts/
+#   make alert-test    the PrometheusRule's alerts through `promtool check rules` and
+#                      `promtool test rules` (tests/alerts/); needs promtool (Debian: prometheus)
 
 CHART_MK_DIR := $(patsubst %/,%,$(dir $(lastword $(MAKEFILE_LIST))))
 CHART_DIR := $(CHART_MK_DIR)/chatrelease-operator
@@ -18,8 +20,11 @@ HELM_VERSION ?= v3.22.0
 HELM ?= $(TOOLS_DIR)/helm/$(HELM_VERSION)/bin/helm
 CHART_STATE_DIR ?= $(CURDIR)/.local/chart-test
 CARGO ?= cargo
+# promtool comes with Prometheus (Debian's `prometheus` package installs /usr/bin/promtool).
+PROMTOOL ?= $(shell command -v promtool 2>/dev/null)
+ALERT_TEST_DIR ?= $(CURDIR)/.local/alert-test
 
-.PHONY: helm chart-crds chart-lint chart-test chart-package
+.PHONY: helm chart-crds chart-lint chart-test chart-package alert-test
 
 helm: $(HELM)
 
@@ -48,3 +53,27 @@ chart-test: tools $(HELM)
 
 chart-package: $(HELM)
 	$(HELM) package $(CHART_DIR) --destination .local/charts
+
+# The alerts are written once, in templates/prometheusrule.yaml. Rendered with the chart's
+# defaults as release `chatrelease` in `chatrelease-system` (the names tests/alerts/ expects),
+# the PrometheusRule's spec is a plain Prometheus rule file: everything under `spec:`, two
+# spaces less indented. promtool then checks it and runs the unit tests, which read the rule file
+# from their own folder.
+alert-test: $(HELM)
+	@set -euo pipefail; \
+	promtool='$(PROMTOOL)'; \
+	if [ -z "$$promtool" ] || [ ! -x "$$promtool" ]; then \
+	  echo "alert-test: promtool not found (PROMTOOL='$(PROMTOOL)'): install Prometheus's promtool, on Debian or Ubuntu with 'apt-get install prometheus' (it ships /usr/bin/promtool), or set PROMTOOL=/path/to/promtool" >&2; \
+	  exit 1; \
+	fi; \
+	rm -rf '$(ALERT_TEST_DIR)'; mkdir -p '$(ALERT_TEST_DIR)'; \
+	$(HELM) template chatrelease $(CHART_DIR) --namespace chatrelease-system \
+	  --set prometheusRule.enabled=true --show-only templates/prometheusrule.yaml \
+	  > '$(ALERT_TEST_DIR)/prometheusrule.yaml'; \
+	awk 'spec { sub(/^  /, ""); print } /^spec:$$/ { spec = 1 }' \
+	  '$(ALERT_TEST_DIR)/prometheusrule.yaml' > '$(ALERT_TEST_DIR)/chatrelease-alerts.rules.yaml'; \
+	grep -q '^groups:' '$(ALERT_TEST_DIR)/chatrelease-alerts.rules.yaml' \
+	  || { echo "alert-test: no spec.groups in the rendered PrometheusRule" >&2; exit 1; }; \
+	cp tests/alerts/*.test.yaml '$(ALERT_TEST_DIR)/'; \
+	"$$promtool" check rules '$(ALERT_TEST_DIR)/chatrelease-alerts.rules.yaml'; \
+	"$$promtool" test rules '$(ALERT_TEST_DIR)'/*.test.yaml

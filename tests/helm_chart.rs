@@ -34,6 +34,18 @@ fn all_on_values() -> PathBuf {
     chart_dir().join("ci/all-on-values.yaml")
 }
 
+/// The metrics src/telemetry.rs declares (`name: "…"` in its `METRICS` list, which its own test
+/// checks against what /metrics serves), as PromQL names them: counters with `_total`,
+/// histograms without their `_count`, `_sum` and `_bucket` series.
+fn declared_metrics() -> BTreeSet<String> {
+    let telemetry = fs::read_to_string(Path::new(ROOT).join("src/telemetry.rs")).unwrap();
+    regex::Regex::new(r#"name: "(chatrelease_[a-z_]+)""#)
+        .unwrap()
+        .captures_iter(&telemetry)
+        .map(|c| c[1].to_string())
+        .collect()
+}
+
 fn dashboard() -> Value {
     let path = chart_dir().join("dashboards/chatrelease.json");
     let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -217,12 +229,7 @@ fn the_dashboard_uses_only_the_metrics_it_documents_and_a_chosen_datasource() {
     assert_eq!(used.len(), known.len(), "every documented metric is shown");
     // …and the operator declares each chatrelease_* one (src/telemetry.rs lists every metric it
     // registers as `name: "…"`; its own test checks that list against what /metrics serves).
-    let telemetry = fs::read_to_string(Path::new(ROOT).join("src/telemetry.rs")).unwrap();
-    let declared: BTreeSet<&str> = regex::Regex::new(r#"name: "(chatrelease_[a-z_]+)""#)
-        .unwrap()
-        .captures_iter(&telemetry)
-        .map(|c| c.get(1).unwrap().as_str())
-        .collect();
+    let declared = declared_metrics();
     for name in used.iter().filter(|n| n.starts_with("chatrelease_")) {
         assert!(
             declared.contains(name.as_str()),
@@ -341,7 +348,7 @@ fn helm_lint_passes_strict_with_default_and_all_on_values() {
 #[test]
 #[ignore = "needs Helm: make chart-lint"]
 fn the_values_schema_rejects_bad_values_naming_the_field() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 10] = [
         (&["--set-string", "replicas=two"], "replicas"),
         (&["--set", "replicas=0"], "replicas"),
         (&["--set", "logging.format=xml"], "logging"),
@@ -352,6 +359,10 @@ fn the_values_schema_rejects_bad_values_naming_the_field() {
         (
             &["--set", "leaderElection.leaseDuration=1m"],
             "leaderElection",
+        ),
+        (
+            &["--set", "prometheusRule.pausedFor=ten minutes"],
+            "prometheusRule",
         ),
         // A typo is an error, not a value silently ignored.
         (&["--set", "replica=3"], "replica"),
@@ -393,7 +404,11 @@ fn default_values_render_the_operator_and_nothing_optional() {
     .into_iter()
     .map(|(k, n)| (k.to_string(), n))
     .collect();
-    assert_eq!(kinds(&objects), expected, "no ServiceMonitor, no dashboard");
+    assert_eq!(
+        kinds(&objects),
+        expected,
+        "no ServiceMonitor, no PrometheusRule, no dashboard"
+    );
     // The CRD comes from crds/, which Helm installs first (and `helm template --include-crds` shows).
     let with_crds = render_ok(&["--include-crds"]);
     let crd = one(&with_crds, "CustomResourceDefinition");
@@ -497,7 +512,7 @@ fn the_operator_runs_two_replicas_hardened_with_probes_and_its_pod_identity() {
 
 #[test]
 #[ignore = "needs Helm: make chart-lint"]
-fn all_on_values_add_the_servicemonitor_and_dashboard_and_change_image_logs_and_resources() {
+fn all_on_values_add_the_servicemonitor_alerts_and_dashboard_and_change_image_logs_and_resources() {
     let objects = all_on();
     let c = container(&objects);
     assert_eq!(
@@ -547,14 +562,28 @@ fn all_on_values_add_the_servicemonitor_and_dashboard_and_change_image_logs_and_
         monitor["metadata"]["labels"]["release"],
         "kube-prometheus-stack"
     );
+    // honorLabels: the ChatRelease's `namespace` label wins over the target's.
     assert_eq!(
         monitor["spec"]["endpoints"],
-        json!([{"port": "http-metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}])
+        json!([{"port": "http-metrics", "path": "/metrics", "honorLabels": true, "interval": "15s", "scrapeTimeout": "5s"}])
     );
     assert_eq!(
         monitor["spec"]["selector"]["matchLabels"],
         one(&objects, "Service")["spec"]["selector"]
     );
+
+    let rule = one(&objects, "PrometheusRule");
+    assert_eq!(rule["metadata"]["namespace"], "monitoring");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    let alerts = alerts_of(rule);
+    assert!(
+        alerts.values().all(|a| a["labels"]["team"] == "platform"),
+        "ruleLabels on every alert"
+    );
+    assert_eq!(alerts["ChatReleasePausedTooLong"]["for"], "30m");
 
     let dashboard_map = one(&objects, "ConfigMap");
     assert_eq!(dashboard_map["metadata"]["namespace"], "monitoring");
@@ -699,6 +728,164 @@ fn optional_objects_refuse_a_combination_that_cannot_work() {
     )
     .unwrap_err();
     assert!(error.contains("serviceAccount.name is required"), "{error}");
+}
+
+/// The alerts of the chart's PrometheusRule, by name.
+fn alerts_of(rule: &Value) -> BTreeMap<String, &Value> {
+    rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .map(|r| (r["alert"].as_str().unwrap().to_string(), r))
+        .collect()
+}
+
+/// The operator's metrics an expression reads, histograms by their base name.
+fn metrics_in(expr: &str) -> BTreeSet<String> {
+    regex::Regex::new(r"\bchatrelease_[a-z_]+\b")
+        .unwrap()
+        .find_iter(expr)
+        .map(|m| {
+            let name = m.as_str();
+            ["_count", "_sum", "_bucket"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| base.ends_with("_seconds"))
+                .unwrap_or(name)
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs Helm: make chart-lint"]
+fn the_prometheus_rule_renders_only_when_enabled_and_alerts_on_metrics_the_operator_exports() {
+    assert!(
+        !render_ok(&[]).iter().any(|o| o["kind"] == "PrometheusRule"),
+        "off by default"
+    );
+    let objects = render_ok(&[
+        "--set",
+        "prometheusRule.enabled=true,prometheusRule.namespace=monitoring,\
+         prometheusRule.labels.release=kube-prometheus-stack,prometheusRule.ruleLabels.team=platform",
+    ]);
+    let rule = one(&objects, "PrometheusRule");
+    assert_eq!(rule["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(rule["metadata"]["namespace"], "monitoring");
+    assert_eq!(
+        rule["metadata"]["labels"]["release"],
+        "kube-prometheus-stack"
+    );
+    assert_eq!(
+        rule["metadata"]["labels"]["app.kubernetes.io/name"],
+        "chatrelease-operator"
+    );
+
+    // Each alert reads the metric that says what it alerts on, under the name src/telemetry.rs
+    // declares: renaming a metric there breaks this test until the rule follows.
+    let expected: BTreeMap<&str, (&str, &str)> = [
+        (
+            "ChatReleaseRolledBack",
+            ("chatrelease_rollbacks_total", "warning"),
+        ),
+        ("ChatReleasePausedTooLong", ("chatrelease_phase", "warning")),
+        (
+            "ChatReleaseInconclusiveTooLong",
+            ("chatrelease_analysis_verdict", "warning"),
+        ),
+        (
+            "ChatReleaseOperatorNoLeader",
+            ("chatrelease_leader", "critical"),
+        ),
+        (
+            "ChatReleaseOperatorPrometheusErrors",
+            ("chatrelease_prometheus_query_duration_seconds", "critical"),
+        ),
+    ]
+    .into();
+    let alerts = alerts_of(rule);
+    assert_eq!(
+        alerts.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        expected.keys().copied().collect::<BTreeSet<_>>()
+    );
+    let declared = declared_metrics();
+    for (name, alert) in &alerts {
+        let (metric, severity) = expected[name.as_str()];
+        let expr = alert["expr"].as_str().unwrap();
+        let used = metrics_in(expr);
+        assert!(
+            used.contains(metric),
+            "{name} does not read {metric}: {expr}"
+        );
+        for m in &used {
+            assert!(
+                declared.contains(m),
+                "{name} reads {m}, which src/telemetry.rs does not declare: {declared:?}"
+            );
+        }
+        assert_eq!(alert["labels"]["severity"], severity, "{name}");
+        assert_eq!(alert["labels"]["team"], "platform", "{name}: ruleLabels");
+        // A ChatRelease's alert names it in both annotations (Alertmanager fills the labels in);
+        // the operator's alerts name the installation in their summary.
+        let annotations = &alert["annotations"];
+        let description = annotations["description"].as_str().unwrap_or_default();
+        let summary = annotations["summary"].as_str().unwrap_or_default();
+        assert!(!description.is_empty(), "{name}: no description");
+        if name.starts_with("ChatReleaseOperator") {
+            assert!(
+                summary.contains("chatrelease-system/chatrelease-chatrelease-operator"),
+                "{name}: {summary}"
+            );
+        } else {
+            for text in [summary, description] {
+                assert!(
+                    text.contains("{{ $labels.namespace }}/{{ $labels.name }}"),
+                    "{name}: {text}"
+                );
+            }
+        }
+    }
+    // The progress deadline is not exported: documented `for:` values stand for it.
+    assert_eq!(alerts["ChatReleasePausedTooLong"]["for"], "10m");
+    assert_eq!(alerts["ChatReleaseInconclusiveTooLong"]["for"], "10m");
+
+    // The operator's alerts select its scrape: the metrics Service's name is the job the
+    // ServiceMonitor gives it, unless prometheusRule.job says otherwise.
+    let job = format!(
+        r#"job="{}""#,
+        one(&objects, "Service")["metadata"]["name"]
+            .as_str()
+            .unwrap()
+    );
+    for name in [
+        "ChatReleaseOperatorNoLeader",
+        "ChatReleaseOperatorPrometheusErrors",
+    ] {
+        let expr = alerts[name]["expr"].as_str().unwrap();
+        assert!(expr.contains(&job), "{name}: {expr}");
+    }
+    let objects = render_ok(&[
+        "--set",
+        "prometheusRule.enabled=true,prometheusRule.job=chatrelease,prometheusRule.pausedFor=1h",
+    ]);
+    let rule = one(&objects, "PrometheusRule");
+    let alerts = alerts_of(rule);
+    let expr = alerts["ChatReleaseOperatorNoLeader"]["expr"]
+        .as_str()
+        .unwrap();
+    assert!(expr.contains(r#"job="chatrelease""#), "{expr}");
+    assert_eq!(alerts["ChatReleasePausedTooLong"]["for"], "1h");
+    let error = render(
+        "chatrelease",
+        "chatrelease-system",
+        &[
+            "--set",
+            "prometheusRule.enabled=true,metrics.service.enabled=false",
+        ],
+    )
+    .unwrap_err();
+    assert!(error.contains("prometheusRule.job"), "{error}");
 }
 
 // ----- with an API server --------------------------------------------------------------------
@@ -883,12 +1070,12 @@ mod api_server {
         dry_run(&objects);
     }
 
-    /// The prometheus-operator CRD is not part of the control plane. The test installs a
-    /// minimal ServiceMonitor CRD (charts/testdata) whose schema has exactly the fields the chart
-    /// writes, and prunes nothing: a misspelled field is refused by the strict field validation
-    /// of `kubectl apply --server-side`.
-    fn install_servicemonitor_crd() {
-        let crd = Path::new(ROOT).join("charts/testdata/servicemonitor-crd.yaml");
+    /// prometheus-operator's CRDs are not part of the control plane. The test installs a
+    /// minimal ServiceMonitor or PrometheusRule CRD (charts/testdata) whose schema has exactly
+    /// the fields the chart writes, and prunes nothing: a misspelled field is refused by the
+    /// strict field validation of `kubectl apply --server-side`.
+    fn install_testdata_crd(file: &str, name: &str) {
+        let crd = Path::new(ROOT).join("charts/testdata").join(file);
         kubectl_ok(
             &[
                 "apply",
@@ -904,7 +1091,7 @@ mod api_server {
                 "wait",
                 "--for=condition=Established",
                 "--timeout=30s",
-                "crd/servicemonitors.monitoring.coreos.com",
+                &format!("crd/{name}"),
             ],
             None,
         );
@@ -913,14 +1100,22 @@ mod api_server {
     #[test]
     #[ignore = "needs Helm and an API server: make chart-test"]
     fn all_on_values_pass_a_server_side_dry_run() {
-        install_servicemonitor_crd();
+        install_testdata_crd(
+            "servicemonitor-crd.yaml",
+            "servicemonitors.monitoring.coreos.com",
+        );
+        install_testdata_crd(
+            "prometheusrule-crd.yaml",
+            "prometheusrules.monitoring.coreos.com",
+        );
         let ns = Namespace::new("chart-all-on");
         let leases = Namespace::new("chart-leases");
         let monitoring = Namespace::new("chart-monitoring");
         // The namespaces the values file names exist in a real cluster; here, the test's own.
         let set = format!(
-            "leaderElection.namespace={},dashboard.namespace={},watchNamespace={}",
-            leases.0, monitoring.0, ns.0
+            "leaderElection.namespace={},dashboard.namespace={},prometheusRule.namespace={},\
+             watchNamespace={}",
+            leases.0, monitoring.0, monitoring.0, ns.0
         );
         let objects = render(
             &ns.0,
@@ -936,6 +1131,7 @@ mod api_server {
         .unwrap();
         for kind in [
             "ServiceMonitor",
+            "PrometheusRule",
             "ConfigMap",
             "PodDisruptionBudget",
             "CustomResourceDefinition",
