@@ -538,7 +538,7 @@ async fn manual_gate(t: &TestEnv, router: Router) {
 async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field() {
     run("invalid-specs", Needs::Namespace, LIMIT, async |t| {
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit, &str, &str); 26] = [
+        let cases: [(&str, Edit, &str, &str); 29] = [
             (
                 "steps not ascending",
                 |m| m["spec"]["strategy"]["steps"] = json!([25, 5, 100]),
@@ -646,6 +646,24 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
                 |m| m["spec"]["analysis"]["prometheus"] = json!({"address": "prometheus:9090"}),
                 "spec.analysis.prometheus.address",
                 "must start with http",
+            ),
+            (
+                "an error-code regex that counts every request",
+                |m| m["spec"]["analysis"]["errorRate"] = json!({"codes": "..."}),
+                "spec.analysis.errorRate.codes",
+                "must not match 200",
+            ),
+            (
+                "an error-code regex that does not compile",
+                |m| m["spec"]["analysis"]["errorRate"] = json!({"codes": "5..|(47."}),
+                "spec.analysis.errorRate.codes",
+                "must be an RE2 regex",
+            ),
+            (
+                "a metrics source the operator does not know",
+                |m| m["spec"]["analysis"]["source"] = json!("linkerd"),
+                "spec.analysis.source",
+                "istio-waypoint",
             ),
             (
                 "a custom metric without a bound",
