@@ -189,6 +189,8 @@ async fn a_scrape_gap_does_not_add_a_tracks_lifetime_to_the_window() {
         stable_workload: "r-stable".into(),
         window: WINDOW,
         custom: vec![],
+        source: chatrelease::crd::RequestSource::Istio,
+        error_codes: chatrelease::crd::DEFAULT_ERROR_CODES.into(),
         address: address.clone(),
         at: jiff::Timestamp::from_second(at).expect("a time"),
     };
