@@ -977,6 +977,63 @@ async fn k_a_canary_breaching_a_custom_time_to_first_token_check_is_rolled_back(
     .await;
 }
 
+// ----- (zb), (zc): other metric sources -----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zb_an_otel_source_canary_is_judged_from_the_apps_histogram_and_promoted() {
+    run("otel-source", Needs::Operator, LIMIT, async |t| {
+        let release = |tag| Release::version(tag).source("otel").latency_p99("1s");
+        stable_at(t, &release("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&release("v2")).await;
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+        caught_up(t, &timeline).await;
+        assert_full_rollout(&timeline);
+        let passed: Vec<_> = timeline
+            .analyses()
+            .into_iter()
+            .filter(|a| a.verdict == Verdict::Pass)
+            .collect();
+        assert_eq!(
+            passed.iter().map(|a| a.weight).collect::<Vec<_>>(),
+            [5, 25, 50, 100],
+            "{}",
+            timeline.describe()
+        );
+        for a in &passed {
+            assert!(
+                a.canary_requests.unwrap_or(0.0) >= MIN_REQUESTS as f64,
+                "{a:?}"
+            );
+            // The histogram is in seconds; the check reads milliseconds (the simulator's
+            // median is 200 ms): read as seconds it would be under 1.
+            let p99 = a
+                .checks
+                .iter()
+                .find(|c| c.name == "latency-p99")
+                .and_then(|c| c.canary)
+                .expect("a canary P99");
+            assert!((100.0..1000.0).contains(&p99), "P99 {p99} ms: {a:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zc_an_istio_waypoint_source_canary_answering_5xx_is_rolled_back() {
+    run("waypoint-source", Needs::Operator, LIMIT, async |t| {
+        let good = Release::version("v1").source("istio-waypoint");
+        let bad = Release::version("v2")
+            .source("istio-waypoint")
+            .env(SIM_ERROR_RATE, "0.3");
+        a_canary_failing_a_check_is_rolled_back(t, good, bad, "error-rate").await;
+    })
+    .await;
+}
+
 // ----- (l): canary pods that stop being Ready ---------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
