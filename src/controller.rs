@@ -569,6 +569,8 @@ fn analysis_target(
         stable_workload: Track::Stable.workload_name(name),
         window: rollout::analysis_window(settings, status, now),
         custom: settings.judge.custom.clone(),
+        source: settings.source,
+        error_codes: settings.error_codes.clone(),
         address: release
             .spec
             .analysis

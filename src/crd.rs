@@ -507,6 +507,10 @@ pub struct Analysis {
     /// Where to query. Default: the operator's `--prometheus-url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prometheus: Option<PrometheusSource>,
+    /// Which series count requests, errors and latency: `istio` (sidecars), `istio-waypoint`
+    /// (ambient mode's waypoint proxy) or `otel` (the app's own OpenTelemetry HTTP metrics).
+    #[serde(default)]
+    pub source: RequestSource,
     /// Range of each query. Default: the interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16))]
@@ -534,7 +538,7 @@ pub struct Analysis {
     /// A breach that stable shares in the same window is not the canary's fault.
     #[serde(default = "default_true")]
     pub compare_to_stable: bool,
-    /// Bound on the share of requests answered 5xx or 470-479.
+    /// Bound on the share of requests answered with an error status (`codes`).
     #[serde(default = "default_error_rate")]
     pub error_rate: ErrorRateBound,
     /// Bound on the 99th percentile of request duration.
@@ -552,6 +556,7 @@ impl Default for Analysis {
     fn default() -> Self {
         Self {
             prometheus: None,
+            source: RequestSource::default(),
             window: None,
             watch_every: None,
             min_requests: default_min_requests(),
@@ -574,7 +579,49 @@ fn default_true() -> bool {
     true
 }
 fn default_error_rate() -> ErrorRateBound {
-    ErrorRateBound { max: "1%".into() }
+    ErrorRateBound {
+        max: default_max_error_rate(),
+        codes: default_error_codes(),
+    }
+}
+fn default_max_error_rate() -> String {
+    "1%".into()
+}
+/// Server errors, and 470-479: LobeChat answers a failed model-provider call with these, and a
+/// user sees them as a broken chat.
+pub const DEFAULT_ERROR_CODES: &str = "5..|47.";
+fn default_error_codes() -> String {
+    DEFAULT_ERROR_CODES.into()
+}
+
+/// Where the request metrics come from. Each names the same three numbers (requests, errors,
+/// P99) in another set of series; `prometheus.rs` holds the queries of each.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RequestSource {
+    /// Istio's sidecars: `istio_requests_total` and `istio_request_duration_milliseconds` with
+    /// `reporter="destination"`.
+    #[default]
+    #[serde(rename = "istio")]
+    Istio,
+    /// Istio's ambient mode: the same series as reported by the waypoint proxy,
+    /// `reporter="waypoint"`.
+    #[serde(rename = "istio-waypoint")]
+    IstioWaypoint,
+    /// The app's OpenTelemetry HTTP server metrics as Prometheus stores them:
+    /// `http_server_request_duration_seconds`, by `namespace` and `workload` labels.
+    #[serde(rename = "otel")]
+    Otel,
+}
+
+impl RequestSource {
+    /// The name a spec writes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestSource::Istio => "istio",
+            RequestSource::IstioWaypoint => "istio-waypoint",
+            RequestSource::Otel => "otel",
+        }
+    }
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -591,10 +638,26 @@ pub struct PrometheusSource {
 #[serde(rename_all = "camelCase")]
 pub struct ErrorRateBound {
     /// Highest acceptable error rate, as a percentage: `1%`, `0.5%`.
+    #[serde(default = "default_max_error_rate")]
     #[schemars(length(max = 16))]
     #[x_kube(validation = kube::core::Rule::new("self.matches('^[0-9]+(\\\\.[0-9]+)?%$') && double(self.substring(0, self.size() - 1)) <= 100.0")
         .message("analysis.errorRate.max must be a percentage from 0% to 100%, such as 1% or 0.5%"))]
     pub max: String,
+    /// Status codes that count as errors: an RE2 regex over the whole code, as Prometheus's
+    /// `=~` takes it. Default `5..|47.` (server errors and LobeChat's provider errors).
+    #[serde(default = "default_error_codes")]
+    #[schemars(length(min = 1, max = 256))]
+    // CEL's matches() compiles RE2, as Prometheus does: a pattern that does not compile makes
+    // this rule fail with the compiler's error and this message.
+    #[x_kube(validation = kube::core::Rule::new("!''.matches(self) || ''.matches(self)")
+        .message("analysis.errorRate.codes must be an RE2 regex (https://github.com/google/re2/wiki/Syntax), \
+            such as 5..|47."))]
+    // Prometheus anchors a label regex at both ends. A regex that takes 200 counts successful
+    // requests as errors: every canary would roll back.
+    #[x_kube(validation = kube::core::Rule::new("!'200'.matches('^(?:' + self + ')$')")
+        .message("analysis.errorRate.codes must not match 200: it would count successful \
+            requests as errors and roll back every canary"))]
+    pub codes: String,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -1,6 +1,7 @@
 //! What the judge needs from a metrics backend, and the small interface a backend implements.
 //! Prometheus is one implementation (`prometheus.rs`); a test double is another.
 
+use crate::crd::RequestSource;
 use crate::settings::CustomCheck;
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -36,6 +37,10 @@ pub struct AnalysisTarget {
     pub stable_workload: String,
     pub window: Duration,
     pub custom: Vec<CustomCheck>,
+    /// Which series hold the requests, errors and durations.
+    pub source: RequestSource,
+    /// Status codes counted as errors, a regex (`analysis.errorRate.codes`).
+    pub error_codes: String,
     /// Base URL of the backend for this ChatRelease.
     pub address: String,
     /// The instant the window ends, the decision's `now`: every query of one analysis is

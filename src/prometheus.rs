@@ -2,13 +2,16 @@
 //! ChatRelease's Prometheus, and turns the answers into `Observations`.
 //!
 //! An analysis costs a constant number of queries ([`queries_per_analysis`]): requests, errors
-//! and P99 each ask once for both tracks, grouped by Istio's `destination_workload`, so both
+//! and P99 each ask once for both tracks, grouped by the workload label of the ChatRelease's
+//! source (Istio's `destination_workload`, or `workload` for OpenTelemetry metrics), so both
 //! tracks are measured at the same instant over the same window; each custom check runs once
-//! per track because its query names one workload through `{{workload}}`.
+//! per track because its query names one workload through `{{workload}}`. Each source is one
+//! [`SourceQueries`] table: the judge never knows which one answered.
 //!
 //! Anything short of an answer (unreachable, HTTP error, timeout, a rejected query) becomes
 //! `Observations::Unavailable`, which the judge holds on; no data becomes `None`, never zero.
 
+use crate::crd::RequestSource;
 use crate::metrics::{AnalysisTarget, BoxFuture, MetricsSource, Observations, TrackSample};
 use prometheus_http_query::response::Data;
 use prometheus_http_query::{Client, Error as ApiError, reqwest};
@@ -18,14 +21,6 @@ use std::time::{Duration, Instant};
 
 /// How long one query may take unless `PrometheusSource::new` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Istio counts requests per workload; the destination side sees every request, including
-/// those that came through the ingress gateway.
-const REPORTER: &str = "destination";
-
-/// Server errors, and 470-479: LobeChat answers a failed model-provider call with these, and a
-/// user sees them as a broken chat.
-const ERROR_CODES: &str = "5..|47.";
 
 /// Called after every query with how long it took and whether it got a usable answer, so an
 /// exporter can keep a latency histogram without this module knowing about it.
@@ -122,23 +117,91 @@ fn growth(series: &str, window: &str) -> String {
     )
 }
 
-/// Requests per track over the window, one series per `destination_workload`.
+/// The parts of the three request queries that differ from one source to another: which series
+/// count requests and durations, which labels name the namespace, the workload and the status,
+/// and the unit of the durations. Everything else (the growth over the window, one query for both
+/// tracks, the judge) is the same for every source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceQueries {
+    /// A counter of requests.
+    pub requests: &'static str,
+    /// The buckets of the request duration histogram.
+    pub duration_buckets: &'static str,
+    /// Label holding the workload (the Deployment's name); the tracks are told apart by it.
+    pub workload_label: &'static str,
+    pub namespace_label: &'static str,
+    /// Label holding the HTTP status code.
+    pub code_label: &'static str,
+    /// Further matchers every series must satisfy, such as Istio's reporter.
+    pub fixed: &'static str,
+    /// Multiplier from the histogram's unit to milliseconds: 1 (no multiplication rendered) for
+    /// Istio's milliseconds, 1000 for OpenTelemetry's seconds.
+    pub to_ms: u32,
+}
+
+/// Istio's sidecars. The destination side sees every request, including those that came through
+/// the ingress gateway.
+pub const ISTIO: SourceQueries = SourceQueries {
+    requests: "istio_requests_total",
+    duration_buckets: "istio_request_duration_milliseconds_bucket",
+    workload_label: "destination_workload",
+    namespace_label: "destination_workload_namespace",
+    code_label: "response_code",
+    fixed: "reporter=\"destination\",",
+    to_ms: 1,
+};
+
+/// Istio's ambient mode: L7 metrics come from the waypoint proxy, under the same names.
+pub const ISTIO_WAYPOINT: SourceQueries = SourceQueries {
+    fixed: "reporter=\"waypoint\",",
+    ..ISTIO
+};
+
+/// The app's OpenTelemetry HTTP server metrics (`http.server.request.duration`, in seconds) as
+/// Prometheus stores them, labelled `namespace` and `workload` by the scrape job.
+pub const OTEL: SourceQueries = SourceQueries {
+    requests: "http_server_request_duration_seconds_count",
+    duration_buckets: "http_server_request_duration_seconds_bucket",
+    workload_label: "workload",
+    namespace_label: "namespace",
+    code_label: "http_response_status_code",
+    fixed: "",
+    to_ms: 1000,
+};
+
+/// The query parts of a ChatRelease's `analysis.source`.
+pub fn source_queries(source: RequestSource) -> &'static SourceQueries {
+    match source {
+        RequestSource::Istio => &ISTIO,
+        RequestSource::IstioWaypoint => &ISTIO_WAYPOINT,
+        RequestSource::Otel => &OTEL,
+    }
+}
+
+/// Requests per track over the window, one series per workload.
 pub fn requests_query(target: &AnalysisTarget) -> String {
-    let series = format!("istio_requests_total{{{}}}", selector(target));
+    let q = source_queries(target.source);
+    let series = format!("{}{{{}}}", q.requests, selector(target));
     format!(
-        "sum by (destination_workload) ({})",
+        "sum by ({}) ({})",
+        q.workload_label,
         growth(&series, &prometheus_duration(target.window))
     )
 }
 
-/// Failed requests per track over the window: 5xx and LobeChat's 470-479.
+/// Failed requests per track over the window: those whose status matches `analysis.errorRate.codes`.
 pub fn errors_query(target: &AnalysisTarget) -> String {
+    let q = source_queries(target.source);
     let series = format!(
-        "istio_requests_total{{{},response_code=~\"{ERROR_CODES}\"}}",
-        selector(target)
+        "{}{{{},{}=~\"{}\"}}",
+        q.requests,
+        selector(target),
+        q.code_label,
+        promql_string(&target.error_codes)
     );
     format!(
-        "sum by (destination_workload) ({})",
+        "sum by ({}) ({})",
+        q.workload_label,
         growth(&series, &prometheus_duration(target.window))
     )
 }
@@ -146,14 +209,17 @@ pub fn errors_query(target: &AnalysisTarget) -> String {
 /// P99 request duration per track in milliseconds. The buckets' growth over the window, not their
 /// rate: the quantile depends only on how counts spread over buckets.
 pub fn latency_p99_query(target: &AnalysisTarget) -> String {
-    let series = format!(
-        "istio_request_duration_milliseconds_bucket{{{}}}",
-        selector(target)
-    );
-    format!(
-        "histogram_quantile(0.99, sum by (destination_workload, le) ({}))",
+    let q = source_queries(target.source);
+    let series = format!("{}{{{}}}", q.duration_buckets, selector(target));
+    let quantile = format!(
+        "histogram_quantile(0.99, sum by ({}, le) ({}))",
+        q.workload_label,
         growth(&series, &prometheus_duration(target.window))
-    )
+    );
+    match q.to_ms {
+        1 => quantile,
+        factor => format!("{factor} * {quantile}"),
+    }
 }
 
 /// A user's check for one track. Values go in unquoted and unescaped because the user decides
@@ -166,9 +232,13 @@ pub fn custom_query(template: &str, namespace: &str, workload: &str, window: Dur
 }
 
 fn selector(target: &AnalysisTarget) -> String {
+    let q = source_queries(target.source);
     format!(
-        "reporter=\"{REPORTER}\",destination_workload_namespace=\"{}\",destination_workload=~\"{}|{}\"",
+        "{}{}=\"{}\",{}=~\"{}|{}\"",
+        q.fixed,
+        q.namespace_label,
         promql_string(&target.namespace),
+        q.workload_label,
         promql_string(&regex_literal(&target.canary_workload)),
         promql_string(&regex_literal(&target.stable_workload)),
     )
@@ -341,9 +411,10 @@ impl PrometheusSource {
             self.run(client, address, "latency-p99", &latency_q, at),
             futures::future::try_join_all(custom_runs),
         )?;
-        let requests = by_workload(address, "requests", requests)?;
-        let errors = by_workload(address, "errors", errors)?;
-        let latency = by_workload(address, "latency-p99", latency)?;
+        let label = source_queries(target.source).workload_label;
+        let requests = by_workload(address, "requests", label, requests)?;
+        let errors = by_workload(address, "errors", label, errors)?;
+        let latency = by_workload(address, "latency-p99", label, latency)?;
 
         let track = |workload: &String| TrackSample {
             requests: requests.get(workload).copied(),
@@ -393,8 +464,14 @@ fn finite(v: f64) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
-/// One value per `destination_workload`; NaN and Inf are left out so they read as no data.
-fn by_workload(address: &str, what: &str, data: Data) -> Result<HashMap<String, f64>, QueryError> {
+/// One value per workload (the source's `label`); NaN and Inf are left out so they read as no
+/// data.
+fn by_workload(
+    address: &str,
+    what: &str,
+    label: &str,
+    data: Data,
+) -> Result<HashMap<String, f64>, QueryError> {
     let series = match data {
         Data::Vector(series) => series,
         other => {
@@ -409,10 +486,7 @@ fn by_workload(address: &str, what: &str, data: Data) -> Result<HashMap<String, 
         .into_iter()
         .filter_map(|s| {
             let (mut labels, sample) = s.into_inner();
-            Some((
-                labels.remove("destination_workload")?,
-                finite(sample.value())?,
-            ))
+            Some((labels.remove(label)?, finite(sample.value())?))
         })
         .collect())
 }
@@ -508,6 +582,8 @@ mod tests {
             stable_workload: "lobe-chat-stable".into(),
             window: Duration::from_secs(60),
             custom: vec![],
+            source: RequestSource::Istio,
+            error_codes: crate::crd::DEFAULT_ERROR_CODES.into(),
             address: address.into(),
             at: "2026-11-30T12:00:00Z".parse().expect("timestamp"),
         }
@@ -752,6 +828,100 @@ mod tests {
         );
     }
 
+    /// The counter expression of `growth` for a series `s` over 60s, as the tests spell it out.
+    fn growth_60s(s: &str) -> String {
+        format!(
+            "(increase({s}[60s]) and present_over_time({s}[1h] offset 60s)) \
+             or (({s} unless present_over_time({s}[1h] offset 60s)) \
+             and on() group(present_over_time(up[1h] offset 60s)))"
+        )
+    }
+
+    #[test]
+    fn the_waypoint_source_reads_istios_series_reported_by_the_waypoint() {
+        let mut t = target("http://p:9090");
+        t.source = RequestSource::IstioWaypoint;
+        let s = r#"reporter="waypoint",destination_workload_namespace="chat",destination_workload=~"lobe-chat-canary|lobe-chat-stable""#;
+        assert_eq!(
+            requests_query(&t),
+            format!(
+                "sum by (destination_workload) ({})",
+                growth_60s(&format!("istio_requests_total{{{s}}}"))
+            )
+        );
+        assert_eq!(
+            errors_query(&t),
+            format!(
+                "sum by (destination_workload) ({})",
+                growth_60s(&format!(
+                    "istio_requests_total{{{s},response_code=~\"5..|47.\"}}"
+                ))
+            )
+        );
+        assert_eq!(
+            latency_p99_query(&t),
+            format!(
+                "histogram_quantile(0.99, sum by (destination_workload, le) ({}))",
+                growth_60s(&format!(
+                    "istio_request_duration_milliseconds_bucket{{{s}}}"
+                ))
+            )
+        );
+    }
+
+    #[test]
+    fn the_otel_source_reads_the_apps_http_server_histogram_in_seconds_as_milliseconds() {
+        let mut t = target("http://p:9090");
+        t.source = RequestSource::Otel;
+        let s = r#"namespace="chat",workload=~"lobe-chat-canary|lobe-chat-stable""#;
+        assert_eq!(
+            requests_query(&t),
+            format!(
+                "sum by (workload) ({})",
+                growth_60s(&format!(
+                    "http_server_request_duration_seconds_count{{{s}}}"
+                ))
+            )
+        );
+        assert_eq!(
+            errors_query(&t),
+            format!(
+                "sum by (workload) ({})",
+                growth_60s(&format!(
+                    "http_server_request_duration_seconds_count{{{s},http_response_status_code=~\"5..|47.\"}}"
+                ))
+            )
+        );
+        assert_eq!(
+            latency_p99_query(&t),
+            format!(
+                "1000 * histogram_quantile(0.99, sum by (workload, le) ({}))",
+                growth_60s(&format!(
+                    "http_server_request_duration_seconds_bucket{{{s}}}"
+                ))
+            )
+        );
+    }
+
+    #[test]
+    fn the_error_codes_of_the_spec_go_into_the_error_query_of_every_source() {
+        for source in [
+            RequestSource::Istio,
+            RequestSource::IstioWaypoint,
+            RequestSource::Otel,
+        ] {
+            let mut t = target("http://p:9090");
+            t.source = source;
+            t.error_codes = r"5\d\d|429".into();
+            let code_label = source_queries(source).code_label;
+            // A backslash doubles inside a PromQL string, which Prometheus reads back as one.
+            let matcher = format!(r#"{code_label}=~"5\\d\\d|429""#);
+            let query = errors_query(&t);
+            assert_eq!(query.matches(&matcher).count(), 4, "{source:?}: {query}");
+            assert!(!query.contains("47."), "{source:?}: {query}");
+        }
+    }
+
     #[test]
     fn dots_in_workload_names_match_only_dots() {
         let mut t = target("http://p:9090");
@@ -840,6 +1010,40 @@ mod tests {
                 latency_p99_ms: Some(800.0),
                 custom: Default::default(),
             }
+        );
+    }
+
+    #[tokio::test]
+    async fn otel_tracks_are_read_by_their_workload_label() {
+        let server = FakePrometheus::start(|query| {
+            let by_workload = |series: &[(&str, &str)]| {
+                let result: Vec<_> = series
+                    .iter()
+                    .map(|(workload, value)| {
+                        json!({"metric": {"workload": workload}, "value": [1_700_000_000.0, value]})
+                    })
+                    .collect();
+                ok_json(json!({"resultType": "vector", "result": result}))
+            };
+            if query.contains("http_response_status_code") {
+                by_workload(&[("lobe-chat-canary", "2"), ("lobe-chat-stable", "10")])
+            } else if query.starts_with("1000 * histogram_quantile") {
+                by_workload(&[("lobe-chat-canary", "420"), ("lobe-chat-stable", "400")])
+            } else {
+                by_workload(&[("lobe-chat-canary", "600"), ("lobe-chat-stable", "6000")])
+            }
+        })
+        .await;
+        let mut t = target(&server.address);
+        t.source = RequestSource::Otel;
+        let (canary, stable) = sampled(PrometheusSource::default().observe(&t).await);
+        assert_eq!(
+            (canary.requests, canary.errors, canary.latency_p99_ms),
+            (Some(600.0), Some(2.0), Some(420.0))
+        );
+        assert_eq!(
+            (stable.requests, stable.errors, stable.latency_p99_ms),
+            (Some(6000.0), Some(10.0), Some(400.0))
         );
     }
 

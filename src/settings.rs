@@ -2,7 +2,7 @@
 //! schema and CEL rules catch most mistakes; this catches the rest (and specs that reached us some
 //! other way, such as a `simulate` file) with an error that names the field.
 
-use crate::crd::{ChatReleaseSpec, CustomMetric};
+use crate::crd::{ChatReleaseSpec, CustomMetric, RequestSource};
 use std::time::Duration;
 
 /// A spec value the operator cannot use, with the field that holds it.
@@ -40,6 +40,10 @@ pub struct Settings {
     pub watch_every: Option<Duration>,
     pub drain_timeout: Duration,
     pub progress_deadline: Duration,
+    /// Which series the requests, errors and P99 are read from.
+    pub source: RequestSource,
+    /// Status codes counted as errors: a regex Prometheus anchors at both ends.
+    pub error_codes: String,
     pub judge: JudgeSettings,
 }
 
@@ -121,6 +125,7 @@ impl Settings {
             ));
         }
         let max_error_rate = parse_percent("analysis.errorRate.max", &analysis.error_rate.max)?;
+        check_error_codes(&analysis.error_rate.codes)?;
         let max_latency_p99_ms = analysis
             .latency_p99
             .as_ref()
@@ -146,6 +151,8 @@ impl Settings {
                 &strategy.progress_deadline,
                 PROGRESS_DEADLINE_RANGE,
             )?,
+            source: analysis.source,
+            error_codes: analysis.error_rate.codes.clone(),
             judge: JudgeSettings {
                 min_requests: analysis.min_requests as f64,
                 failure_limit: analysis.failure_limit,
@@ -193,6 +200,52 @@ fn check_steps(steps: &[i32]) -> Result<(), SpecError> {
     }
     if steps.last() != Some(&100) {
         return Err(SpecError::new(FIELD, "the last weight must be 100"));
+    }
+    Ok(())
+}
+
+/// Longest `analysis.errorRate.codes`, as the CRD's schema says.
+pub const MAX_ERROR_CODES_LEN: usize = 256;
+
+/// `analysis.errorRate.codes` must be a regex Prometheus takes, and must not count a successful
+/// request as an error: a regex that takes 200 (`.*`, `...`, `[0-9]+`) would roll back every
+/// canary. The CRD's CEL rules refuse the same at apply; this covers `simulate` files and objects
+/// admitted before a CRD upgrade.
+fn check_error_codes(codes: &str) -> Result<(), SpecError> {
+    const FIELD: &str = "analysis.errorRate.codes";
+    if codes.is_empty() {
+        return Err(SpecError::new(
+            FIELD,
+            "must not be empty: it would count no request as an error",
+        ));
+    }
+    if codes.len() > MAX_ERROR_CODES_LEN {
+        return Err(SpecError::new(
+            FIELD,
+            format!("must be at most {MAX_ERROR_CODES_LEN} characters"),
+        ));
+    }
+    // Prometheus anchors a label regex as `^(?:re)$`.
+    let anchored = regex::Regex::new(&format!("^(?:{codes})$")).map_err(|e| {
+        SpecError::new(
+            FIELD,
+            format!("{codes:?} is not an RE2 regex such as 5..|47.: {e}"),
+        )
+    })?;
+    if regex::Regex::new(codes).is_err() {
+        return Err(SpecError::new(
+            FIELD,
+            format!("{codes:?} is not an RE2 regex such as 5..|47."),
+        ));
+    }
+    if anchored.is_match("200") {
+        return Err(SpecError::new(
+            FIELD,
+            format!(
+                "{codes:?} matches 200: it would count successful requests as errors and roll \
+                 back every canary"
+            ),
+        ));
     }
     Ok(())
 }
@@ -415,6 +468,61 @@ mod tests {
         assert!(s.judge.compare_to_stable);
         assert!((s.judge.max_error_rate - 0.01).abs() < 1e-12);
         assert_eq!(s.judge.max_latency_p99_ms, None);
+        assert_eq!(s.source, RequestSource::Istio);
+        assert_eq!(s.error_codes, "5..|47.");
+    }
+
+    #[test]
+    fn source_and_error_codes_are_read_from_the_spec() {
+        let s: ChatReleaseSpec = serde_json::from_value(serde_json::json!({
+            "template": {"spec": {"containers": [{"name": "app", "image": "chat:v1"}]}},
+            "analysis": {"source": "otel", "errorRate": {"codes": "5..|429"}}
+        }))
+        .expect("spec deserialises");
+        let settings = Settings::from_spec(&s).unwrap();
+        assert_eq!(settings.source, RequestSource::Otel);
+        assert_eq!(settings.error_codes, "5..|429");
+        assert!(
+            (settings.judge.max_error_rate - 0.01).abs() < 1e-12,
+            "max keeps its default beside codes"
+        );
+    }
+
+    #[test]
+    fn error_codes_that_count_successes_are_refused_naming_the_field() {
+        for codes in [".*", "...", "[0-9]+", "2..|5..", "200", ".+", "5..|.*"] {
+            let mut s = spec();
+            s.analysis.error_rate.codes = codes.into();
+            let err = Settings::from_spec(&s).expect_err(codes);
+            assert_eq!(err.field, "analysis.errorRate.codes", "{codes}");
+            assert!(err.problem.contains("matches 200"), "{codes}: {err}");
+        }
+    }
+
+    #[test]
+    fn error_codes_must_be_a_regex_and_not_empty() {
+        for (codes, needle) in [
+            ("5..|(47.", "not an RE2 regex"),
+            ("5..)|(.*", "not an RE2 regex"),
+            ("", "must not be empty"),
+        ] {
+            let mut s = spec();
+            s.analysis.error_rate.codes = codes.into();
+            let err = Settings::from_spec(&s).expect_err(codes);
+            assert_eq!(err.field, "analysis.errorRate.codes", "{codes}");
+            assert!(err.problem.contains(needle), "{codes}: {err}");
+        }
+        let mut s = spec();
+        s.analysis.error_rate.codes = "5".repeat(MAX_ERROR_CODES_LEN + 1);
+        assert_eq!(
+            Settings::from_spec(&s).unwrap_err().field,
+            "analysis.errorRate.codes"
+        );
+        for fine in ["5..|47.", "5\\d\\d", "502|503|504", "4[0-9]{2}"] {
+            let mut s = spec();
+            s.analysis.error_rate.codes = fine.into();
+            assert!(Settings::from_spec(&s).is_ok(), "{fine}");
+        }
     }
 
     const ANY: DurationRange = DurationRange {

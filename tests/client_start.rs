@@ -19,6 +19,8 @@ async fn a_kube_client_and_a_prometheus_client_start_in_one_process() {
         stable_workload: "lobe-chat-stable".into(),
         window: Duration::from_secs(60),
         custom: vec![],
+        source: chatrelease::crd::RequestSource::Istio,
+        error_codes: chatrelease::crd::DEFAULT_ERROR_CODES.into(),
         address: "https://127.0.0.1:1".into(),
         at: jiff::Timestamp::now(),
     };

@@ -46,6 +46,8 @@ fn crd_states_the_rules_a_schema_can_check() {
         "must be a duration such as 30s",
         "template.spec.containers must list at least one container",
         "analysis.errorRate.max must be a percentage from 0% to 100%",
+        "analysis.errorRate.codes must be an RE2 regex",
+        "analysis.errorRate.codes must not match 200",
         // Istio's own validation of the VirtualService, refused at apply (traffic_rules.rs).
         "a canaryMatch entry needs a condition in headers, uri or queryParams",
         "a canaryMatch entry with only uri prefix \"/\" matches every request",
@@ -70,6 +72,14 @@ fn crd_states_the_rules_a_schema_can_check() {
     assert_eq!(analysis["failureLimit"]["minimum"].as_f64(), Some(1.0));
     assert_eq!(analysis["minRequests"]["minimum"].as_f64(), Some(1.0));
     assert_eq!(analysis["failureLimit"]["default"].as_i64(), Some(2));
+    assert_eq!(analysis["source"]["default"].as_str(), Some("istio"));
+    assert_eq!(
+        analysis["source"]["enum"],
+        serde_yaml::from_str::<serde_yaml::Value>("[istio, istio-waypoint, otel]").expect("YAML")
+    );
+    let codes = &analysis["errorRate"]["properties"]["codes"];
+    assert_eq!(codes["default"].as_str(), Some("5..|47."));
+    assert_eq!(codes["maxLength"].as_u64(), Some(256));
 }
 
 /// `has(self.headers)` holds for `headers: {}`, which matches every request: the rule must count

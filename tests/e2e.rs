@@ -538,7 +538,7 @@ async fn manual_gate(t: &TestEnv, router: Router) {
 async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field() {
     run("invalid-specs", Needs::Namespace, LIMIT, async |t| {
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit, &str, &str); 26] = [
+        let cases: [(&str, Edit, &str, &str); 29] = [
             (
                 "steps not ascending",
                 |m| m["spec"]["strategy"]["steps"] = json!([25, 5, 100]),
@@ -646,6 +646,24 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
                 |m| m["spec"]["analysis"]["prometheus"] = json!({"address": "prometheus:9090"}),
                 "spec.analysis.prometheus.address",
                 "must start with http",
+            ),
+            (
+                "an error-code regex that counts every request",
+                |m| m["spec"]["analysis"]["errorRate"] = json!({"codes": "..."}),
+                "spec.analysis.errorRate.codes",
+                "must not match 200",
+            ),
+            (
+                "an error-code regex that does not compile",
+                |m| m["spec"]["analysis"]["errorRate"] = json!({"codes": "5..|(47."}),
+                "spec.analysis.errorRate.codes",
+                "must be an RE2 regex",
+            ),
+            (
+                "a metrics source the operator does not know",
+                |m| m["spec"]["analysis"]["source"] = json!("linkerd"),
+                "spec.analysis.source",
+                "istio-waypoint",
             ),
             (
                 "a custom metric without a bound",
@@ -955,6 +973,63 @@ async fn k_a_canary_breaching_a_custom_time_to_first_token_check_is_rolled_back(
             .metric("ttft-p99", TTFT_QUERY, 1.5)
             .env("SIM_TTFT_SECONDS", "4");
         a_canary_failing_a_check_is_rolled_back(t, good, slow, "ttft-p99").await;
+    })
+    .await;
+}
+
+// ----- (zb), (zc): other metric sources -----------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zb_an_otel_source_canary_is_judged_from_the_apps_histogram_and_promoted() {
+    run("otel-source", Needs::Operator, LIMIT, async |t| {
+        let release = |tag| Release::version(tag).source("otel").latency_p99("1s");
+        stable_at(t, &release("v1")).await;
+        let timeline = t.timeline();
+        t.apply(&release("v2")).await;
+        t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
+        t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
+        caught_up(t, &timeline).await;
+        assert_full_rollout(&timeline);
+        let passed: Vec<_> = timeline
+            .analyses()
+            .into_iter()
+            .filter(|a| a.verdict == Verdict::Pass)
+            .collect();
+        assert_eq!(
+            passed.iter().map(|a| a.weight).collect::<Vec<_>>(),
+            [5, 25, 50, 100],
+            "{}",
+            timeline.describe()
+        );
+        for a in &passed {
+            assert!(
+                a.canary_requests.unwrap_or(0.0) >= MIN_REQUESTS as f64,
+                "{a:?}"
+            );
+            // The histogram is in seconds; the check reads milliseconds (the simulator's
+            // median is 200 ms): read as seconds it would be under 1.
+            let p99 = a
+                .checks
+                .iter()
+                .find(|c| c.name == "latency-p99")
+                .and_then(|c| c.canary)
+                .expect("a canary P99");
+            assert!((100.0..1000.0).contains(&p99), "P99 {p99} ms: {a:?}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zc_an_istio_waypoint_source_canary_answering_5xx_is_rolled_back() {
+    run("waypoint-source", Needs::Operator, LIMIT, async |t| {
+        let good = Release::version("v1").source("istio-waypoint");
+        let bad = Release::version("v2")
+            .source("istio-waypoint")
+            .env(SIM_ERROR_RATE, "0.3");
+        a_canary_failing_a_check_is_rolled_back(t, good, bad, "error-rate").await;
     })
     .await;
 }

@@ -1,15 +1,17 @@
 //! The analysis queries against a real Prometheus (Debian's, as the local control plane runs it)
 //! scraping a real exporter: what the judge reads must be the requests of the window, even when
-//! scrapes failed. Starts its own Prometheus on 127.0.0.1; `make e2e` runs it
+//! scrapes failed, from the series of the ChatRelease's `analysis.source` alone. Starts its own Prometheus on 127.0.0.1; `make e2e` runs it
 //! (`cargo test --test prometheus_queries -- --ignored`, with PROMETHEUS_BIN or
 //! /usr/bin/prometheus).
 
+use chatrelease::crd::{DEFAULT_ERROR_CODES, RequestSource};
 use chatrelease::metrics::{AnalysisTarget, MetricsSource, Observations, TrackSample};
 use chatrelease::prometheus::PrometheusSource;
 use chatrelease::telemetry::{reply, serve_http};
 use hyper::StatusCode;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
@@ -90,8 +92,13 @@ impl Drop for TempDir {
 
 async fn start_prometheus(exporter: &str) -> (Prometheus, String) {
     let bin = std::env::var("PROMETHEUS_BIN").unwrap_or_else(|_| "/usr/bin/prometheus".into());
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("chatrelease-prom-{}", std::process::id())));
+    // The tests of this binary run side by side in one process: each Prometheus its own data.
+    static STARTED: AtomicUsize = AtomicUsize::new(0);
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "chatrelease-prom-{}-{}",
+        std::process::id(),
+        STARTED.fetch_add(1, Ordering::Relaxed)
+    )));
     std::fs::create_dir_all(&dir.0).expect("temp dir");
     let config = dir.0.join("prometheus.yml");
     std::fs::write(
@@ -189,6 +196,8 @@ async fn a_scrape_gap_does_not_add_a_tracks_lifetime_to_the_window() {
         stable_workload: "r-stable".into(),
         window: WINDOW,
         custom: vec![],
+        source: RequestSource::Istio,
+        error_codes: DEFAULT_ERROR_CODES.into(),
         address: address.clone(),
         at: jiff::Timestamp::from_second(at).expect("a time"),
     };
@@ -256,5 +265,139 @@ async fn a_scrape_gap_does_not_add_a_tracks_lifetime_to_the_window() {
         early_seen < 1000.0,
         "stable's lifetime counted in a window Prometheus has no history for: {early_seen}"
     );
+    let _ = stop.send(());
+}
+
+/// Series of every source at once, `t` seconds after the exporter started: sidecar-reported Istio
+/// series a hundred times busier than the truth (a source reading them would be caught), and the
+/// truth twice, as a waypoint and as the app's OpenTelemetry histogram. Per second the canary
+/// serves 7 requests answered 200, 2 answered 503 and 1 answered 471, all within 100-250 ms;
+/// stable serves 20 answered 200 within 100-500 ms.
+fn every_source(t: f64) -> String {
+    let n = t.floor();
+    let mut text = String::new();
+    let istio = |reporter: &str, workload: &str, code: &str, count: f64, le: &str| {
+        let labels = format!(
+            "reporter=\"{reporter}\",destination_workload_namespace=\"{SOURCES_NAMESPACE}\",destination_workload=\"{workload}\",response_code=\"{code}\""
+        );
+        let mut lines = format!("istio_requests_total{{{labels}}} {count}\n");
+        for (bound, value) in [("100", 0.0), (le, count), ("+Inf", count)] {
+            if bound != "+Inf" || le != "+Inf" {
+                lines += &format!(
+                    "istio_request_duration_milliseconds_bucket{{{labels},le=\"{bound}\"}} {value}\n"
+                );
+            }
+        }
+        lines
+    };
+    let otel = |workload: &str, code: &str, count: f64, le: &str| {
+        let labels = format!(
+            "namespace=\"{SOURCES_NAMESPACE}\",workload=\"{workload}\",http_response_status_code=\"{code}\""
+        );
+        let mut lines = format!("http_server_request_duration_seconds_count{{{labels}}} {count}\n");
+        for (bound, value) in [("0.1", 0.0), (le, count), ("+Inf", count)] {
+            lines += &format!(
+                "http_server_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {value}\n"
+            );
+        }
+        lines
+    };
+    for (workload, code, per_second, istio_le, otel_le) in [
+        ("s-canary", "200", 7.0, "250", "0.25"),
+        ("s-canary", "503", 2.0, "250", "0.25"),
+        ("s-canary", "471", 1.0, "250", "0.25"),
+        ("s-stable", "200", 20.0, "500", "0.5"),
+    ] {
+        text += &istio(
+            "destination",
+            workload,
+            code,
+            100.0 * per_second * n,
+            istio_le,
+        );
+        text += &istio("waypoint", workload, code, per_second * n, istio_le);
+        text += &otel(workload, code, per_second * n, otel_le);
+    }
+    text
+}
+
+const SOURCES_NAMESPACE: &str = "sources";
+
+#[tokio::test]
+#[ignore = "starts a real Prometheus: make e2e"]
+async fn waypoint_and_otel_sources_read_their_own_series_and_the_same_numbers() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let exporter = listener.local_addr().expect("address").to_string();
+    let started = unix_now();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_http(
+        listener,
+        move |_, uri: &hyper::Uri| {
+            if uri.path() == "/metrics" {
+                let body = every_source(unix_now() - started);
+                reply(StatusCode::OK, "text/plain; version=0.0.4", body)
+            } else {
+                reply(StatusCode::NOT_FOUND, "text/plain", String::new())
+            }
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let (_prometheus, address) = start_prometheus(&exporter).await;
+    // Every series has history before the window: the increase() branch speaks.
+    let at = (unix_now() + 3.0 + 2.0 * WINDOW.as_secs_f64()).ceil() as i64;
+    tokio::time::sleep(Duration::from_secs_f64(
+        (at as f64 + 1.5 - unix_now()).max(0.0),
+    ))
+    .await;
+
+    let window = WINDOW.as_secs_f64();
+    for source in [RequestSource::IstioWaypoint, RequestSource::Otel] {
+        let target = AnalysisTarget {
+            namespace: SOURCES_NAMESPACE.into(),
+            canary_workload: "s-canary".into(),
+            stable_workload: "s-stable".into(),
+            window: WINDOW,
+            custom: vec![],
+            source,
+            error_codes: DEFAULT_ERROR_CODES.into(),
+            address: address.clone(),
+            at: jiff::Timestamp::from_second(at).expect("a time"),
+        };
+        let (canary, stable) = sampled(PrometheusSource::default().observe(&target).await);
+        eprintln!("{source:?}: canary {canary:?}, stable {stable:?}");
+        // increase() extrapolates to the window's edges and may miss up to a scrape at either
+        // end; never the sidecar's hundredfold series.
+        let canary_requests = canary.requests.expect("canary requests");
+        assert!(
+            (0.7 * 10.0 * window..=1.3 * 10.0 * window).contains(&canary_requests),
+            "{source:?}: canary requests {canary_requests}, true {}",
+            10.0 * window
+        );
+        let stable_requests = stable.requests.expect("stable requests");
+        assert!(
+            (0.7 * 20.0 * window..=1.3 * 20.0 * window).contains(&stable_requests),
+            "{source:?}: stable requests {stable_requests}, true {}",
+            20.0 * window
+        );
+        // 503 and 471 match 5..|47.; the error share is the truth's 30%.
+        let share = canary.errors.expect("canary errors") / canary_requests;
+        assert!(
+            (0.25..=0.35).contains(&share),
+            "{source:?}: error share {share}"
+        );
+        assert_eq!(stable.errors, None, "{source:?}: stable has no errors");
+        // P99 interpolated in the bucket that holds every request, in milliseconds either way.
+        let p99 = |sample: &TrackSample| sample.latency_p99_ms.expect("a P99");
+        assert!(
+            (p99(&canary) - 248.5).abs() < 0.01,
+            "{source:?}: {canary:?}"
+        );
+        assert!(
+            (p99(&stable) - 496.0).abs() < 0.01,
+            "{source:?}: {stable:?}"
+        );
+    }
     let _ = stop.send(());
 }

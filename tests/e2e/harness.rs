@@ -414,6 +414,8 @@ pub struct Release {
     pub metrics: Vec<Value>,
     /// `spec.analysis.minRequests`, when not MIN_REQUESTS.
     pub min_requests: Option<i64>,
+    /// `spec.analysis.source`, when not the default (`istio`).
+    pub source: Option<String>,
     /// `spec.template.spec.nodeSelector`: a selector no node has keeps the pods Pending.
     pub node_selector: Option<Value>,
     /// `spec.traffic`, when the test routes testers or pins users.
@@ -453,6 +455,7 @@ impl Release {
             latency_p99: None,
             metrics: Vec::new(),
             min_requests: None,
+            source: None,
             node_selector: None,
             traffic: None,
             router: Router::Istio,
@@ -488,6 +491,12 @@ impl Release {
     /// `spec.analysis.minRequests`.
     pub fn min_requests(mut self, n: i64) -> Release {
         self.min_requests = Some(n);
+        self
+    }
+
+    /// `spec.analysis.source`: `istio-waypoint` or `otel` (the simulator exports both always).
+    pub fn source(mut self, source: &str) -> Release {
+        self.source = Some(source.into());
         self
     }
 
@@ -548,6 +557,9 @@ impl Release {
         });
         if let Some(limit) = self.failure_limit {
             analysis["failureLimit"] = json!(limit);
+        }
+        if let Some(source) = &self.source {
+            analysis["source"] = json!(source);
         }
         if let Some(address) = &self.prometheus {
             analysis["prometheus"] = json!({"address": address});

@@ -96,9 +96,13 @@ pub enum MeshSimError {
         optional ConfigMap `mesh-simulator`, sends a steady synthetic request rate through every \
         VirtualService and every HTTPRoute as Envoy would route it (matches, HTTPRoute \
         precedence, weights, sticky cookies, only Ready pods, 503 when none is, 500 for an \
-        HTTPRoute rule with no backend to send to), and exports istio_requests_total, \
-        istio_request_duration_milliseconds and \
-        chat_time_to_first_token_seconds on /metrics for Prometheus to scrape. No HTTP request \
+        HTTPRoute rule with no backend to send to), and exports istio_requests_total and \
+        istio_request_duration_milliseconds (every request twice: reporter=\"destination\" as a \
+        sidecar and reporter=\"waypoint\" as an ambient waypoint would report it), \
+        http_server_request_duration_seconds (the app's OpenTelemetry histogram, labels \
+        namespace, workload and http_response_status_code) and \
+        chat_time_to_first_token_seconds on /metrics for Prometheus to scrape, so a ChatRelease \
+        of any analysis.source finds its series. No HTTP request \
         is ever sent to a pod.\n\n\
         A pod's first container sets how it answers: SIM_ERROR_RATE (fraction answered 500/503, \
         default 0), SIM_PROVIDER_ERROR_RATE (fraction answered 470-479, default 0), \

@@ -222,10 +222,11 @@ mod tests {
         http_request(address, "GET", path).await
     }
 
-    /// The sum of every `istio_requests_total` series in a scrape.
+    /// The sum of every `istio_requests_total` series in a scrape, as the destination proxies
+    /// count them (the waypoint's copies count the same requests again).
     fn total_requests(body: &str) -> f64 {
         body.lines()
-            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter(|l| l.starts_with("istio_requests_total{reporter=\"destination\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -306,7 +307,7 @@ mod tests {
         // ~1 s at 200 rps: a few hundred requests, counted once each.
         let total: f64 = body
             .lines()
-            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter(|l| l.starts_with("istio_requests_total{reporter=\"destination\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         assert!(total >= 150.0, "only {total} requests in\n{body}");

@@ -1,5 +1,8 @@
-//! The metrics the simulator exports: Istio's own, as its destination proxies would (the operator
-//! judges by them), the chat app's time to first token, and two about users that only the
+//! The metrics the simulator exports: Istio's own, as its destination proxies and (the same
+//! series again with `reporter="waypoint"`) an ambient waypoint would, the app's OpenTelemetry
+//! HTTP server histogram (`http_server_request_duration_seconds`), every request counted in all
+//! three always, so a ChatRelease of any `analysis.source` finds its series; the chat app's time
+//! to first token, and two about users that only the
 //! end-to-end tests read, labelled by the route object the requests went through (`route`, and
 //! `route_kind` `VirtualService` or `HTTPRoute`).
 
@@ -11,13 +14,20 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Istio's `reporter` label for the server-side proxy, the one the operator's queries select.
+/// Istio's `reporter` label for the server-side proxy, the one `analysis.source: istio` selects.
 pub const REPORTER: &str = "destination";
+/// Istio's `reporter` label for an ambient waypoint proxy (`analysis.source: istio-waypoint`).
+pub const WAYPOINT_REPORTER: &str = "waypoint";
 
 /// Istio's default buckets of `istio_request_duration_milliseconds`, in milliseconds.
 pub const DURATION_BUCKETS_MS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// The OpenTelemetry semantic conventions' advised buckets of `http.server.request.duration`, in
+/// seconds.
+pub const OTEL_DURATION_BUCKETS_SECONDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 /// Buckets of `chat_time_to_first_token_seconds`.
 pub const TTFT_BUCKETS_SECONDS: [f64; 13] = [
@@ -39,6 +49,15 @@ struct IstioLabels {
 struct TtftLabels {
     namespace: String,
     workload: String,
+}
+
+/// Labels of `http_server_request_duration_seconds`: the status as OpenTelemetry names it, and
+/// `namespace` and `workload` as the README's scrape job adds them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OtelLabels {
+    namespace: String,
+    workload: String,
+    http_response_status_code: String,
 }
 
 /// Labels of `meshsim_user_requests_total`.
@@ -75,6 +94,10 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
 }
 
+fn otel_duration_histogram() -> Histogram {
+    Histogram::new(OTEL_DURATION_BUCKETS_SECONDS)
+}
+
 fn ttft_histogram() -> Histogram {
     Histogram::new(TTFT_BUCKETS_SECONDS)
 }
@@ -86,6 +109,7 @@ pub struct MeshMetrics {
     registry: Registry,
     requests: Family<IstioLabels, Counter>,
     durations: HistogramFamily<IstioLabels>,
+    otel_durations: HistogramFamily<OtelLabels>,
     ttft: HistogramFamily<TtftLabels>,
     user_requests: Family<UserRequestLabels, Counter>,
     version_changes: Family<VersionChangeLabels, Counter>,
@@ -99,12 +123,15 @@ impl Default for MeshMetrics {
 
 impl MeshMetrics {
     /// A registry holding `istio_requests_total`, `istio_request_duration_milliseconds`,
-    /// `chat_time_to_first_token_seconds`, `meshsim_user_requests_total` and
+    /// `http_server_request_duration_seconds`, `chat_time_to_first_token_seconds`, `meshsim_user_requests_total` and
     /// `meshsim_version_changes_total`, with no series yet.
     pub fn new() -> Self {
         let requests = Family::<IstioLabels, Counter>::default();
         let durations = HistogramFamily::<IstioLabels>::new_with_constructor(
             duration_histogram as fn() -> Histogram,
+        );
+        let otel_durations = HistogramFamily::<OtelLabels>::new_with_constructor(
+            otel_duration_histogram as fn() -> Histogram,
         );
         let ttft = HistogramFamily::<TtftLabels>::new_with_constructor(
             ttft_histogram as fn() -> Histogram,
@@ -122,6 +149,12 @@ impl MeshMetrics {
             "istio_request_duration_milliseconds",
             "Request duration in milliseconds, as Istio's destination proxy measures it",
             durations.clone(),
+        );
+        registry.register(
+            "http_server_request_duration_seconds",
+            "Duration of HTTP server requests in seconds, as the app's OpenTelemetry SDK measures \
+             it (http.server.request.duration)",
+            otel_durations.clone(),
         );
         registry.register(
             "chat_time_to_first_token_seconds",
@@ -145,25 +178,36 @@ impl MeshMetrics {
             registry,
             requests,
             durations,
+            otel_durations,
             ttft,
             user_requests,
             version_changes,
         }
     }
 
-    /// Counts one request, as Istio does.
+    /// Counts one request as Istio's destination proxy, an ambient waypoint and the app's
+    /// OpenTelemetry SDK would, all three always: which one a ChatRelease reads is its choice.
     pub fn record(&self, record: &RequestRecord) {
-        let labels = IstioLabels {
-            reporter: REPORTER.to_string(),
-            destination_workload: record.workload.clone(),
-            destination_workload_namespace: record.namespace.clone(),
-            destination_service: record.service.clone(),
-            response_code: record.response_code.to_string(),
-        };
-        self.requests.get_or_create(&labels).inc();
-        self.durations
-            .get_or_create(&labels)
-            .observe(record.duration_ms);
+        for reporter in [REPORTER, WAYPOINT_REPORTER] {
+            let labels = IstioLabels {
+                reporter: reporter.to_string(),
+                destination_workload: record.workload.clone(),
+                destination_workload_namespace: record.namespace.clone(),
+                destination_service: record.service.clone(),
+                response_code: record.response_code.to_string(),
+            };
+            self.requests.get_or_create(&labels).inc();
+            self.durations
+                .get_or_create(&labels)
+                .observe(record.duration_ms);
+        }
+        self.otel_durations
+            .get_or_create(&OtelLabels {
+                namespace: record.namespace.clone(),
+                workload: record.workload.clone(),
+                http_response_status_code: record.response_code.to_string(),
+            })
+            .observe(record.duration_ms / 1000.0);
         if let Some(ttft) = record.ttft_seconds {
             let labels = TtftLabels {
                 namespace: record.namespace.clone(),
@@ -245,7 +289,43 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("istio_request_duration_milliseconds_bucket"))
             .count();
-        assert_eq!(buckets, DURATION_BUCKETS_MS.len() + 1);
+        assert_eq!(buckets, 2 * (DURATION_BUCKETS_MS.len() + 1));
+    }
+
+    #[test]
+    fn every_request_is_also_reported_by_the_waypoint_and_by_opentelemetry_in_seconds() {
+        let metrics = MeshMetrics::new();
+        metrics.record(&RequestRecord {
+            workload: "lobe-chat-canary".into(),
+            namespace: "chat".into(),
+            service: "lobe-chat.chat.svc.cluster.local".into(),
+            response_code: 503,
+            duration_ms: 180.0,
+            ttft_seconds: None,
+        });
+        let text = metrics.encode().unwrap();
+        let waypoint = r#"reporter="waypoint",destination_workload="lobe-chat-canary",destination_workload_namespace="chat",destination_service="lobe-chat.chat.svc.cluster.local",response_code="503""#;
+        let otel =
+            r#"namespace="chat",workload="lobe-chat-canary",http_response_status_code="503""#;
+        for line in [
+            format!("istio_requests_total{{{waypoint}}} 1"),
+            format!("istio_request_duration_milliseconds_bucket{{le=\"250.0\",{waypoint}}} 1"),
+            "# TYPE http_server_request_duration_seconds histogram".to_string(),
+            format!("http_server_request_duration_seconds_count{{{otel}}} 1"),
+            format!("http_server_request_duration_seconds_bucket{{le=\"0.1\",{otel}}} 0"),
+            format!("http_server_request_duration_seconds_bucket{{le=\"0.25\",{otel}}} 1"),
+            format!("http_server_request_duration_seconds_bucket{{le=\"+Inf\",{otel}}} 1"),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+        let otel_buckets = text
+            .lines()
+            .filter(|l| l.starts_with("http_server_request_duration_seconds_bucket"))
+            .count();
+        assert_eq!(otel_buckets, OTEL_DURATION_BUCKETS_SECONDS.len() + 1);
     }
 
     #[test]
