@@ -20,8 +20,8 @@ HELM_VERSION ?= v3.22.0
 HELM ?= $(TOOLS_DIR)/helm/$(HELM_VERSION)/bin/helm
 CHART_STATE_DIR ?= $(CURDIR)/.local/chart-test
 CARGO ?= cargo
-# promtool comes with Prometheus (Debian's `prometheus` package installs /usr/bin/promtool).
-PROMTOOL ?= $(shell command -v promtool 2>/dev/null)
+# Debian's prometheus package, which tools.mk installs for the control plane, ships promtool too.
+PROMTOOL ?= $(dir $(PROMETHEUS_BIN))promtool
 ALERT_TEST_DIR ?= $(CURDIR)/.local/alert-test
 
 .PHONY: helm chart-crds chart-lint chart-test chart-package alert-test
@@ -59,7 +59,7 @@ chart-package: $(HELM)
 # the PrometheusRule's spec is a plain Prometheus rule file: everything under `spec:`, two
 # spaces less indented. promtool then checks it and runs the unit tests, which read the rule file
 # from their own folder.
-alert-test: $(HELM)
+alert-test: $(HELM) $(PROMETHEUS_BIN)
 	@set -euo pipefail; \
 	promtool='$(PROMTOOL)'; \
 	if [ -z "$$promtool" ] || [ ! -x "$$promtool" ]; then \
