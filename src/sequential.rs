@@ -79,13 +79,18 @@ pub struct Evidence {
 impl Evidence {
     /// The numbers behind a stop, for `status.message` and the Event.
     pub fn describe(&self) -> String {
+        // Past a trillion the figure says nothing more, and exp() may have overflowed.
+        let ratio = if self.likelihood_ratio >= 1e12 {
+            "over 10^12".to_string()
+        } else {
+            crate::judge::fmt_number(self.likelihood_ratio)
+        };
         format!(
-            "sequential test: canary error rate {:.2}% over {} requests vs stable {:.2}% over {} since the step began, likelihood ratio {} >= 1/alpha = {} (alpha {})",
+            "sequential test: canary error rate {:.2}% over {} requests vs stable {:.2}% over {} since the step began, likelihood ratio {ratio} >= 1/alpha = {} (alpha {})",
             self.canary.rate() * 100.0,
             self.canary.requests.round(),
             self.stable.rate() * 100.0,
             self.stable.requests.round(),
-            crate::judge::fmt_number(self.likelihood_ratio.min(1e12)),
             (1.0 / ALPHA).round(),
             ALPHA
         )
