@@ -328,16 +328,16 @@ async fn reconcile_inner(
             .map(workload::track_state),
         commands: Commands::from_annotations(release.annotations()),
     };
+    let target = analysis_target(
+        release,
+        &settings,
+        &status,
+        &namespace,
+        &name,
+        &ctx.default_prometheus,
+        now,
+    );
     let observations = if rollout::analysis_due(&settings, &status, &world.commands, now) {
-        let target = analysis_target(
-            release,
-            &settings,
-            &status,
-            &namespace,
-            &name,
-            &ctx.default_prometheus,
-            now,
-        );
         Some(ctx.metrics.observe(&target).await)
     } else {
         None
@@ -349,18 +349,13 @@ async fn reconcile_inner(
                 && rollout::watch_due(&settings, &status, &world, now)
                 && ctx.watch_paced(ObjectRef::from_obj(release), now, every) =>
         {
-            let mut target = analysis_target(
-                release,
-                &settings,
-                &status,
-                &namespace,
-                &name,
-                &ctx.default_prometheus,
-                now,
-            );
-            target.window = rollout::watch_window(&status, now);
-            target.custom.clear();
-            let seen = ctx.metrics.observe(&target).await;
+            // Every request since the step began; the error counts are all it weighs.
+            let since_the_step = AnalysisTarget {
+                window: rollout::watch_window(&status, now),
+                custom: Vec::new(),
+                ..target
+            };
+            let seen = ctx.metrics.observe(&since_the_step).await;
             rollout::decide_watch(&settings, &status, &world, &seen, now)
         }
         _ => None,
