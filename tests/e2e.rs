@@ -2105,3 +2105,40 @@ async fn zd_under_a_one_minute_interval_a_canary_failing_half_its_requests_is_st
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn ze_under_a_one_minute_interval_a_healthy_canary_is_watched_and_promoted_without_an_early_stop()
+ {
+    run(
+        "sequential-healthy",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            let minute = Duration::from_secs(60);
+            let healthy = |tag: &str| Release::version(tag).interval(minute).steps(&[50, 100]);
+            stable_at(t, &healthy("v1")).await;
+            let timeline = t.timeline();
+            t.apply(&healthy("v2")).await;
+            // Each step waits its whole interval; the looks every 10s in between stop nothing.
+            t.wait_phase(Phase::Succeeded, 3 * minute + Duration::from_secs(20))
+                .await;
+            caught_up(t, &timeline).await;
+            assert_eq!(
+                timeline.canary_weights(),
+                [0, 50, 100, 0],
+                "{}",
+                timeline.describe()
+            );
+            assert!(
+                timeline
+                    .statuses()
+                    .iter()
+                    .all(|s| !s.message.contains("stopped early")),
+                "{}",
+                timeline.describe()
+            );
+        },
+    )
+    .await;
+}

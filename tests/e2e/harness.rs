@@ -407,6 +407,8 @@ pub struct Release {
     pub failure_limit: Option<i32>,
     /// `strategy.interval` (and `analysis.window`), when not INTERVAL.
     pub interval: Option<Duration>,
+    /// `strategy.steps`, when not 5, 25, 50, 100.
+    pub steps: Option<Vec<i32>>,
     pub prometheus: Option<String>,
     /// `spec.analysis.latencyP99.max`.
     pub latency_p99: Option<String>,
@@ -460,7 +462,14 @@ impl Release {
             traffic: None,
             router: Router::Istio,
             interval: None,
+            steps: None,
         }
+    }
+
+    /// `strategy.steps`.
+    pub fn steps(mut self, steps: &[i32]) -> Release {
+        self.steps = Some(steps.to_vec());
+        self
     }
 
     /// `strategy.interval` and `analysis.window`.
@@ -588,7 +597,7 @@ impl Release {
                 "template": {"spec": pod},
                 "service": {"port": 80, "targetPort": 3210},
                 "strategy": {
-                    "steps": [5, 25, 50, 100],
+                    "steps": self.steps.clone().unwrap_or_else(|| vec![5, 25, 50, 100]),
                     "interval": secs(self.interval.unwrap_or(INTERVAL)),
                     "manualGates": self.manual_gates,
                     "drainTimeout": secs(DRAIN_TIMEOUT),
