@@ -660,8 +660,8 @@ pub struct ErrorRateBound {
     pub codes: String,
 }
 
-/// A percentage bound relative to stable: `30%`, `12.5%`, at most `1000%` (CEL's `double()` takes
-/// the number; the regex keeps it to digits first).
+/// A percentage bound relative to stable, such as `30%` or `12.5%`, from 0% to `$max`% (the regex
+/// admits only digits, so CEL's `double()` always has a number to take).
 macro_rules! increase_rule {
     ($field:literal, $max:literal) => {
         kube::core::Rule::new(concat!(
@@ -866,7 +866,8 @@ pub struct CheckRecord {
     pub canary: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable: Option<f64>,
-    /// The bound as written, with its direction: `<= 1%`, `<= 3000ms`, `>= 0.95`.
+    /// The bound as written, with its direction: `<= 1%`, `<= 3000ms`, `>= 0.95`; a bound relative
+    /// to stable with what it came to in the window: `<= stable × 1.30 (650ms)`.
     pub bound: String,
     /// Unit of canary and stable: `%`, `ms` or empty for custom metrics.
     #[serde(default, skip_serializing_if = "String::is_empty")]
