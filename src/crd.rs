@@ -660,21 +660,50 @@ pub struct ErrorRateBound {
     pub codes: String,
 }
 
-#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct LatencyBound {
-    /// Highest acceptable P99 request duration, such as `3s` or `800ms`.
-    #[schemars(length(max = 16))]
-    #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
-    #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("1ms", "1h"))
-        .message("analysis.latencyP99.max must be from 1ms to 1h"))]
-    pub max: String,
+/// A percentage bound relative to stable, such as `30%` or `12.5%`, from 0% to `$max`% (the regex
+/// admits only digits, so CEL's `double()` always has a number to take).
+macro_rules! increase_rule {
+    ($field:literal, $max:literal) => {
+        kube::core::Rule::new(concat!(
+            "self.matches('^[0-9]{1,6}(\\\\.[0-9]{1,6})?%$') && double(self.substring(0, self.size() - 1)) <= ",
+            $max,
+            ".0"
+        ))
+        .message(concat!(
+            $field,
+            " must be a percentage of stable's value from 0% to ",
+            $max,
+            "%, such as 30% or 12.5%"
+        ))
+    };
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("has(self.max) || has(self.min)")
-    .message("a custom metric needs max, min or both"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.max) || has(self.maxIncrease)")
+    .message("analysis.latencyP99 needs max, maxIncrease or both"))]
+pub struct LatencyBound {
+    /// Highest acceptable P99 request duration, such as `3s` or `800ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = kube::core::Rule::new(DURATION_RULE).message(DURATION_MESSAGE))]
+    #[x_kube(validation = kube::core::Rule::new(duration_range_rule!("1ms", "1h"))
+        .message("analysis.latencyP99.max must be from 1ms to 1h"))]
+    pub max: Option<String>,
+    /// How far the canary's P99 may rise above stable's in the same window, as a percentage of
+    /// stable's: `30%` fails a canary slower than stable × 1.30. Also the tolerance within which a
+    /// breach of `max` is trouble both versions share (default 20%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = increase_rule!("analysis.latencyP99.maxIncrease", "1000"))]
+    pub max_increase: Option<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+        "has(self.max) || has(self.min) || has(self.maxIncrease) || has(self.maxDecrease)")
+    .message("a custom metric needs max, min, maxIncrease or maxDecrease"))]
 pub struct CustomMetric {
     /// Name shown in status; unique among the metrics.
     #[schemars(length(min = 1, max = 63))]
@@ -690,6 +719,19 @@ pub struct CustomMetric {
     /// The canary's value must not fall below this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
+    /// How far the canary's value may rise above stable's in the same window, as a percentage of
+    /// stable's (`30%`: at most stable × 1.30), 0% to 1000%. Also the tolerance within which a
+    /// breach of `max` is trouble both versions share (default 20%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = increase_rule!("analysis.metrics[].maxIncrease", "1000"))]
+    pub max_increase: Option<String>,
+    /// How far the canary's value may fall below stable's, as a percentage of stable's (`10%`: at
+    /// least stable × 0.90), 0% to 100%. Also the tolerance for a breach of `min` (default 20%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = increase_rule!("analysis.metrics[].maxDecrease", "100"))]
+    pub max_decrease: Option<String>,
 }
 
 /// Where a ChatRelease stands. `Failed` means the spec cannot be applied.
@@ -824,7 +866,8 @@ pub struct CheckRecord {
     pub canary: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stable: Option<f64>,
-    /// The bound as written, with its direction: `<= 1%`, `<= 3000ms`, `>= 0.95`.
+    /// The bound as written, with its direction: `<= 1%`, `<= 3000ms`, `>= 0.95`; a bound relative
+    /// to stable with what it came to in the window: `<= stable × 1.30 (650ms)`.
     pub bound: String,
     /// Unit of canary and stable: `%`, `ms` or empty for custom metrics.
     #[serde(default, skip_serializing_if = "String::is_empty")]

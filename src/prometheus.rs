@@ -595,6 +595,8 @@ mod tests {
             query: query.into(),
             max: Some(1.5),
             min: None,
+            max_increase: None,
+            max_decrease: None,
         }
     }
 

@@ -379,6 +379,8 @@ async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
         query: "vector(1)".into(),
         max: Some(1.0),
         min: None,
+        max_increase: None,
+        max_decrease: None,
     }];
     let mut h = Harness::new(&v1.clone().with_status(settled_status(&v1)), t0());
     h.set_deployment(deployment(&v1, Track::Stable, 2, 2));

@@ -931,9 +931,9 @@ impl<'a> Draft<'a> {
     }
 
     fn analyse(&mut self, step: i32, observations: &Observations) {
-        let judgement = judge::judge(&self.settings.judge, observations);
-        self.record(&judgement);
         let weight = self.settings.weight_at(Some(step));
+        let judgement = judge::judge(&self.settings.judge, weight, observations);
+        self.record(&judgement);
         match judgement.verdict {
             Verdict::Fail => {
                 self.next.failed_checks += 1;

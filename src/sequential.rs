@@ -148,6 +148,7 @@ mod tests {
             compare_to_stable: true,
             max_error_rate: 0.01,
             max_latency_p99_ms: None,
+            latency_p99_max_increase: None,
             custom: Vec::new(),
         }
     }

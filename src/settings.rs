@@ -56,6 +56,8 @@ pub struct JudgeSettings {
     /// Highest error rate as a fraction (0.01 for `1%`).
     pub max_error_rate: f64,
     pub max_latency_p99_ms: Option<f64>,
+    /// `analysis.latencyP99.maxIncrease` as a fraction (0.3 for `30%`).
+    pub latency_p99_max_increase: Option<f64>,
     pub custom: Vec<CustomCheck>,
 }
 
@@ -65,6 +67,9 @@ pub struct CustomCheck {
     pub query: String,
     pub max: Option<f64>,
     pub min: Option<f64>,
+    /// Relative to stable's value in the same window, as fractions (0.3 for `30%`).
+    pub max_increase: Option<f64>,
+    pub max_decrease: Option<f64>,
 }
 
 impl Settings {
@@ -126,12 +131,22 @@ impl Settings {
         }
         let max_error_rate = parse_percent("analysis.errorRate.max", &analysis.error_rate.max)?;
         check_error_codes(&analysis.error_rate.codes)?;
-        let max_latency_p99_ms = analysis
-            .latency_p99
-            .as_ref()
-            .map(|l| parse_duration("analysis.latencyP99.max", &l.max, LATENCY_RANGE))
+        let latency = analysis.latency_p99.as_ref();
+        let max_latency_p99_ms = latency
+            .and_then(|l| l.max.as_deref())
+            .map(|max| parse_duration("analysis.latencyP99.max", max, LATENCY_RANGE))
             .transpose()?
             .map(|d| d.as_secs_f64() * 1000.0);
+        let latency_p99_max_increase = latency
+            .and_then(|l| l.max_increase.as_deref())
+            .map(|p| parse_percent_within("analysis.latencyP99.maxIncrease", p, MAX_INCREASE_PCT))
+            .transpose()?;
+        if latency.is_some() && max_latency_p99_ms.is_none() && latency_p99_max_increase.is_none() {
+            return Err(SpecError::new(
+                "analysis.latencyP99",
+                "needs max, maxIncrease or both",
+            ));
+        }
         let custom = custom_checks(&analysis.metrics)?;
 
         Ok(Self {
@@ -159,6 +174,7 @@ impl Settings {
                 compare_to_stable: analysis.compare_to_stable,
                 max_error_rate,
                 max_latency_p99_ms,
+                latency_p99_max_increase,
                 custom,
             },
         })
@@ -275,14 +291,26 @@ fn custom_checks(metrics: &[CustomMetric]) -> Result<Vec<CustomCheck>, SpecError
                 "must not be empty",
             ));
         }
-        if m.max.is_none() && m.min.is_none() {
-            return Err(SpecError::new(field, "needs max, min or both"));
+        let relative = |name: &str, text: &Option<String>, most: f64| {
+            text.as_deref()
+                .map(|p| parse_percent_within(&format!("{field}.{name}"), p, most))
+                .transpose()
+        };
+        let max_increase = relative("maxIncrease", &m.max_increase, MAX_INCREASE_PCT)?;
+        let max_decrease = relative("maxDecrease", &m.max_decrease, 100.0)?;
+        if m.max.is_none() && m.min.is_none() && max_increase.is_none() && max_decrease.is_none() {
+            return Err(SpecError::new(
+                field,
+                "needs max, min, maxIncrease or maxDecrease",
+            ));
         }
         checks.push(CustomCheck {
             name: m.name.clone(),
             query: m.query.clone(),
             max: m.max,
             min: m.min,
+            max_increase,
+            max_decrease,
         });
     }
     Ok(checks)
@@ -426,17 +454,28 @@ fn go_duration(text: &str) -> Result<Duration, DurationProblem> {
     Ok(Duration::new(secs, nanos))
 }
 
+/// Highest `maxIncrease`, as the CRD's schema says: a canary at 11 times stable's value.
+pub const MAX_INCREASE_PCT: f64 = 1000.0;
+
 /// Parses `1%` or `0.5%` into a fraction.
 pub fn parse_percent(field: &str, text: &str) -> Result<f64, SpecError> {
+    parse_percent_within(field, text, 100.0)
+}
+
+/// Parses a percentage from 0% to `most`% into a fraction.
+pub fn parse_percent_within(field: &str, text: &str, most: f64) -> Result<f64, SpecError> {
     let number = text
         .trim()
         .strip_suffix('%')
         .and_then(|n| n.trim().parse::<f64>().ok())
-        .filter(|n| n.is_finite() && (0.0..=100.0).contains(n))
+        .filter(|n| n.is_finite() && (0.0..=most).contains(n))
         .ok_or_else(|| {
             SpecError::new(
                 field,
-                format!("{text:?} is not a percentage from 0% to 100%, such as 1% or 0.5%"),
+                format!(
+                    "{text:?} is not a percentage from 0% to {}%, such as 1% or 0.5%",
+                    crate::judge::fmt_number(most)
+                ),
             )
         })?;
     Ok(number / 100.0)
@@ -591,7 +630,10 @@ mod tests {
                 s.strategy.progress_deadline = v.into()
             }),
             ("analysis.latencyP99.max", |s, v| {
-                s.analysis.latency_p99 = Some(crate::crd::LatencyBound { max: v.into() })
+                s.analysis.latency_p99 = Some(crate::crd::LatencyBound {
+                    max: Some(v.into()),
+                    max_increase: None,
+                })
             }),
         ];
         for (field, set) in cases {
@@ -696,6 +738,90 @@ mod tests {
         );
     }
 
+    fn with_metric(extra: serde_json::Value) -> ChatReleaseSpec {
+        let mut metric = serde_json::json!({"name": "tokens", "query": "vector(1)"});
+        for (k, v) in extra.as_object().expect("an object") {
+            metric[k] = v.clone();
+        }
+        serde_json::from_value(serde_json::json!({
+            "template": {"spec": {"containers": [{"name": "app", "image": "chat:v1"}]}},
+            "analysis": {"metrics": [metric]}
+        }))
+        .expect("spec deserialises")
+    }
+
+    #[test]
+    fn relative_bounds_are_read_as_fractions_and_may_stand_alone() {
+        let s = Settings::from_spec(&with_metric(
+            serde_json::json!({"maxIncrease": "30%", "maxDecrease": "12.5%"}),
+        ))
+        .unwrap();
+        let check = &s.judge.custom[0];
+        assert_eq!((check.max, check.min), (None, None));
+        assert!((check.max_increase.unwrap() - 0.3).abs() < 1e-12);
+        assert!((check.max_decrease.unwrap() - 0.125).abs() < 1e-12);
+        let big = Settings::from_spec(&with_metric(serde_json::json!({"maxIncrease": "1000%"})));
+        assert!(big.is_ok(), "{big:?}");
+    }
+
+    #[test]
+    fn relative_bounds_out_of_range_name_their_field() {
+        for (extra, field) in [
+            (
+                serde_json::json!({"maxIncrease": "1001%"}),
+                "analysis.metrics[0].maxIncrease",
+            ),
+            (
+                serde_json::json!({"maxIncrease": "30"}),
+                "analysis.metrics[0].maxIncrease",
+            ),
+            (
+                serde_json::json!({"maxDecrease": "101%"}),
+                "analysis.metrics[0].maxDecrease",
+            ),
+            (
+                serde_json::json!({"maxDecrease": "-5%"}),
+                "analysis.metrics[0].maxDecrease",
+            ),
+        ] {
+            let err = Settings::from_spec(&with_metric(extra.clone())).expect_err("refused");
+            assert_eq!(err.field, field, "{extra}");
+        }
+    }
+
+    #[test]
+    fn a_check_needs_some_bound() {
+        let err = Settings::from_spec(&with_metric(serde_json::json!({}))).unwrap_err();
+        assert_eq!(err.field, "analysis.metrics[0]");
+        assert!(
+            err.problem
+                .contains("needs max, min, maxIncrease or maxDecrease"),
+            "{err}"
+        );
+        let mut s = spec();
+        s.analysis.latency_p99 = Some(crate::crd::LatencyBound {
+            max: None,
+            max_increase: None,
+        });
+        let err = Settings::from_spec(&s).unwrap_err();
+        assert_eq!(err.field, "analysis.latencyP99");
+        s.analysis.latency_p99 = Some(crate::crd::LatencyBound {
+            max: None,
+            max_increase: Some("30%".into()),
+        });
+        let settings = Settings::from_spec(&s).unwrap();
+        assert_eq!(settings.judge.max_latency_p99_ms, None);
+        assert!((settings.judge.latency_p99_max_increase.unwrap() - 0.3).abs() < 1e-12);
+        s.analysis.latency_p99 = Some(crate::crd::LatencyBound {
+            max: Some("3s".into()),
+            max_increase: Some("2000%".into()),
+        });
+        assert_eq!(
+            Settings::from_spec(&s).unwrap_err().field,
+            "analysis.latencyP99.maxIncrease"
+        );
+    }
+
     #[test]
     fn custom_metric_names_are_unique() {
         let mut s = spec();
@@ -704,6 +830,8 @@ mod tests {
             query: "vector(1)".into(),
             max: Some(1.5),
             min: None,
+            max_increase: None,
+            max_decrease: None,
         };
         s.analysis.metrics = vec![m.clone(), m];
         assert_eq!(

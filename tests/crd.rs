@@ -48,6 +48,11 @@ fn crd_states_the_rules_a_schema_can_check() {
         "analysis.errorRate.max must be a percentage from 0% to 100%",
         "analysis.errorRate.codes must be an RE2 regex",
         "analysis.errorRate.codes must not match 200",
+        "analysis.latencyP99.maxIncrease must be a percentage of stable's value from 0% to 1000%",
+        "analysis.metrics[].maxIncrease must be a percentage of stable's value from 0% to 1000%",
+        "analysis.metrics[].maxDecrease must be a percentage of stable's value from 0% to 100%",
+        "a custom metric needs max, min, maxIncrease or maxDecrease",
+        "analysis.latencyP99 needs max, maxIncrease or both",
         // Istio's own validation of the VirtualService, refused at apply (traffic_rules.rs).
         "a canaryMatch entry needs a condition in headers, uri or queryParams",
         "a canaryMatch entry with only uri prefix \"/\" matches every request",
@@ -118,4 +123,61 @@ fn crd_refuses_a_canary_match_that_matches_everything_and_regexes_istio_refuses(
     let hosts = &traffic["properties"]["istio"]["properties"]["hosts"]["items"];
     assert_eq!(hosts["maxLength"].as_u64(), Some(255));
     assert!(hosts["x-kubernetes-validations"].is_sequence());
+}
+
+/// A relative bound is a percentage the API server checks before the operator sees it: within its
+/// range, and no check without any bound at all.
+#[test]
+fn crd_refuses_relative_bounds_out_of_range_and_checks_without_a_bound() {
+    let crd: serde_yaml::Value = serde_yaml::from_str(&committed()).expect("YAML");
+    let analysis = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["analysis"]["properties"];
+    let rules = |schema: &serde_yaml::Value| -> Vec<String> {
+        schema["x-kubernetes-validations"]
+            .as_sequence()
+            .map(|rules| {
+                rules
+                    .iter()
+                    .filter_map(|r| r["rule"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let metric = &analysis["metrics"]["items"];
+    let latency = &analysis["latencyP99"];
+    for (schema, most) in [
+        (&metric["properties"]["maxIncrease"], "<= 1000.0"),
+        (&metric["properties"]["maxDecrease"], "<= 100.0"),
+        (&latency["properties"]["maxIncrease"], "<= 1000.0"),
+    ] {
+        let rules = rules(schema);
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.contains("%$')") && r.ends_with(most)),
+            "{rules:?}"
+        );
+        assert_eq!(schema["maxLength"].as_u64(), Some(16));
+    }
+    assert!(
+        rules(metric).contains(
+            &"has(self.max) || has(self.min) || has(self.maxIncrease) || has(self.maxDecrease)"
+                .to_string()
+        ),
+        "{:?}",
+        rules(metric)
+    );
+    assert!(
+        rules(latency).contains(&"has(self.max) || has(self.maxIncrease)".to_string()),
+        "{:?}",
+        rules(latency)
+    );
+    let required: Vec<&str> = latency["required"]
+        .as_sequence()
+        .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        !required.contains(&"max"),
+        "latencyP99.max is optional beside maxIncrease"
+    );
 }

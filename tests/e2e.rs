@@ -538,7 +538,7 @@ async fn manual_gate(t: &TestEnv, router: Router) {
 async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field() {
     run("invalid-specs", Needs::Namespace, LIMIT, async |t| {
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit, &str, &str); 29] = [
+        let cases: [(&str, Edit, &str, &str); 32] = [
             (
                 "steps not ascending",
                 |m| m["spec"]["strategy"]["steps"] = json!([25, 5, 100]),
@@ -672,7 +672,31 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
                         json!([{"name": "ttft", "query": "vector(1)"}])
                 },
                 "spec.analysis.metrics[0]",
-                "needs max, min or both",
+                "needs max, min, maxIncrease or maxDecrease",
+            ),
+            (
+                "a custom metric allowed to grow over 1000% of stable",
+                |m| {
+                    m["spec"]["analysis"]["metrics"] =
+                        json!([{"name": "tokens", "query": "vector(1)", "maxIncrease": "1500%"}])
+                },
+                "spec.analysis.metrics[0].maxIncrease",
+                "from 0% to 1000%",
+            ),
+            (
+                "a custom metric allowed to fall over 100% below stable",
+                |m| {
+                    m["spec"]["analysis"]["metrics"] =
+                        json!([{"name": "tokens", "query": "vector(1)", "maxDecrease": "150%"}])
+                },
+                "spec.analysis.metrics[0].maxDecrease",
+                "from 0% to 100%",
+            ),
+            (
+                "a latency bound without max or maxIncrease",
+                |m| m["spec"]["analysis"]["latencyP99"] = json!({}),
+                "spec.analysis.latencyP99",
+                "needs max, maxIncrease or both",
             ),
             (
                 "a sticky cookie name with a space",

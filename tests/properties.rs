@@ -231,7 +231,7 @@ proptest! {
         observations in observations(),
     ) {
         if let Ok(settings) = Settings::from_spec(&spec) {
-            let judgement = judge::judge(&settings.judge, &observations);
+            let judgement = judge::judge(&settings.judge, 25, &observations);
             // Whatever it says, it says it in numbers a status can hold.
             prop_assert!(serde_json::to_string(&judgement.checks).is_ok());
         }

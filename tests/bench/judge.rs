@@ -40,6 +40,7 @@ fn settings() -> JudgeSettings {
         compare_to_stable: true,
         max_error_rate: 0.01,
         max_latency_p99_ms: None,
+        latency_p99_max_increase: None,
         custom: Vec::new(),
     }
 }
@@ -123,7 +124,7 @@ fn run(case: Case, seed: u64) -> Outcome {
                 canary: sample(canary_n * n, window.iter().map(|s| s.0).sum()),
                 stable: sample(stable_n * n, window.iter().map(|s| s.1).sum()),
             };
-            let judgement = judge::judge(&judge_settings, &observations);
+            let judgement = judge::judge(&judge_settings, case.weight as i32, &observations);
             match judgement.verdict {
                 Verdict::Fail => failures += 1,
                 // A pass earns the next step: this step, and its chances to roll back, end.
