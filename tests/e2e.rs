@@ -39,6 +39,8 @@ const TO_25: Duration = Duration::from_secs(90);
 /// From a template change (or a resumption) to Succeeded: four steps of one interval each, with
 /// room for an inconclusive analysis or two on a loaded machine.
 const TO_SUCCEEDED: Duration = Duration::from_secs(150);
+/// After Stable, two of Prometheus's 2 s scrapes: stable's start-up 503s are then history.
+const STABLE_SETTLE: Duration = Duration::from_secs(4);
 /// "Within one reconcile": the operator acts on an annotation as soon as it sees it.
 const ONE_RECONCILE: Duration = Duration::from_secs(5);
 
@@ -75,6 +77,9 @@ macro_rules! both_routers {
 async fn stable_at(t: &TestEnv, release: &Release) -> ChatRelease {
     t.apply(release).await;
     let stable = t.wait_phase(Phase::Stable, STABLE_TIMEOUT).await;
+    // Until its pods were Ready the route to stable answered 503s; two scrapes later they are
+    // out of the window of a canary started now.
+    tokio::time::sleep(STABLE_SETTLE).await;
     let status = stable.status.clone().unwrap_or_default();
     assert_eq!(status.stable_image.as_deref(), Some(release.image.as_str()));
     assert_eq!(status.canary_weight, 0);
@@ -220,8 +225,11 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, router: Router, variable: 
         .iter()
         .find(|c| c.name == "error-rate")
         .expect("an error-rate check");
+    // Stable may carry a few 503s of its own from the seconds before its pods were Ready (the
+    // route went to it from the start): the canary's rate is still many times its.
+    let canary_rate = errors.canary.unwrap_or(0.0);
     assert!(
-        errors.canary.unwrap_or(0.0) > 10.0 && errors.stable.unwrap_or(100.0) < 1.0,
+        canary_rate > 10.0 && errors.stable.unwrap_or(100.0) < canary_rate / 4.0,
         "the canary's error rate is the one that failed: {errors:?}"
     );
     assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v1"));
