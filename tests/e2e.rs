@@ -235,20 +235,12 @@ async fn a_failing_canary_is_rolled_back(t: &TestEnv, router: Router, variable: 
     assert_eq!(status.stable_image.as_deref(), Some("lobehub/lobe-chat:v1"));
     t.wait_event("RolledBack", ONE_RECONCILE).await;
 
-    let splits = timeline.splits();
-    let got_weight = splits.iter().find(|(_, s)| s.canary > 0).map(|(at, _)| *at);
-    let back = splits
-        .iter()
-        .rev()
-        .find(|(_, s)| s.canary == 0)
-        .map(|(at, _)| *at);
-    let (Some(from), Some(to)) = (got_weight, back) else {
+    let Some(held) = timeline.time_at_weight() else {
         panic!(
             "the timeline missed the weight or its withdrawal:\n{}",
             timeline.describe()
         );
     };
-    let held = to - from;
     report(&format!(
         "{}: bad canary ({variable}=0.3) had weight for {:.1}s before the route was 100% stable",
         t.test,
@@ -2124,10 +2116,9 @@ async fn zd_under_a_one_minute_interval_a_canary_failing_half_its_requests_is_st
             message.contains("stopped early at 5%: sequential test"),
             "{message}"
         );
-        let splits = timeline.splits();
-        let from = splits.iter().find(|(_, s)| s.canary > 0).map(|(at, _)| *at);
-        let to = splits.iter().rev().find(|(_, s)| s.canary == 0).map(|(at, _)| *at);
-        let held = to.zip(from).map(|(to, from)| to - from).expect("weight given and withdrawn");
+        let held = timeline
+            .time_at_weight()
+            .expect("weight given and withdrawn");
         report(&format!(
             "{}: a canary failing half its requests held weight {:.1}s under interval 1m: {message}",
             t.test,

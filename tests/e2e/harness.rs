@@ -1833,6 +1833,22 @@ impl Timeline {
         self.splits.lock().unwrap().clone()
     }
 
+    /// From the first split giving the canary weight to the last one giving it none: how long
+    /// the canary held traffic. None when the timeline saw no such pair.
+    pub fn time_at_weight(&self) -> Option<Duration> {
+        let splits = self.splits();
+        let from = splits
+            .iter()
+            .find(|(_, s)| s.canary > 0)
+            .map(|(at, _)| *at)?;
+        let to = splits
+            .iter()
+            .rev()
+            .find(|(_, s)| s.canary == 0)
+            .map(|(at, _)| *at)?;
+        Some(to.saturating_sub(from))
+    }
+
     /// The canary weights of the VirtualService in the order they were written.
     pub fn canary_weights(&self) -> Vec<i32> {
         dedup(self.splits().into_iter().map(|(_, s)| s.canary))
