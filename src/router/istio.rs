@@ -73,6 +73,19 @@ pub struct HttpRouteDestination {
     pub headers: Option<Headers>,
 }
 
+impl HttpRouteDestination {
+    /// The `set-cookie` this destination adds to its responses (the sticky cookie), if any.
+    pub fn set_cookie(&self) -> Option<&str> {
+        self.headers
+            .as_ref()?
+            .response
+            .as_ref()?
+            .add
+            .get("set-cookie")
+            .map(String::as_str)
+    }
+}
+
 /// A subset of a Service at one port.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
@@ -444,16 +457,6 @@ mod tests {
             .collect()
     }
 
-    fn set_cookie(dest: &HttpRouteDestination) -> Option<&str> {
-        dest.headers
-            .as_ref()?
-            .response
-            .as_ref()?
-            .add
-            .get("set-cookie")
-            .map(String::as_str)
-    }
-
     #[test]
     fn at_5_percent_stable_gets_95_and_canary_5() {
         let vs = virtual_service(&release(), &routes(5, true));
@@ -514,7 +517,7 @@ mod tests {
             let tester = route(&vs, &format!("canary-match-{i}"));
             assert_eq!(tester.matches, vec![m.clone()]);
             assert_eq!(split(tester), vec![("canary", 100)]);
-            assert_eq!(set_cookie(&tester.route[0]), None);
+            assert_eq!(tester.route[0].set_cookie(), None);
         }
     }
 
@@ -588,11 +591,11 @@ mod tests {
 
         let primary = route(&vs, PRIMARY_ROUTE);
         assert_eq!(
-            set_cookie(&primary.route[0]),
+            primary.route[0].set_cookie(),
             Some("chat-version=aaaa111111; Path=/; SameSite=Lax")
         );
         assert_eq!(
-            set_cookie(&primary.route[1]),
+            primary.route[1].set_cookie(),
             Some("chat-version=bbbb222222; Path=/; SameSite=Lax")
         );
     }
@@ -614,7 +617,7 @@ mod tests {
             cookie.regex.as_deref(),
             Some(r"^(.*;\s*)?chat-version=bbbb222222(;.*)?$")
         );
-        assert_eq!(set_cookie(&route(&vs, PRIMARY_ROUTE).route[1]), None);
+        assert_eq!(route(&vs, PRIMARY_ROUTE).route[1].set_cookie(), None);
     }
 
     #[test]

@@ -207,18 +207,6 @@ pub fn draw_weighted<'a, T, R: Rng + ?Sized>(
     items.last()
 }
 
-/// The `set-cookie` a destination adds to its responses, if any.
-pub fn set_cookie_of(destination: &HttpRouteDestination) -> Option<&str> {
-    destination
-        .headers
-        .as_ref()?
-        .response
-        .as_ref()?
-        .add
-        .get("set-cookie")
-        .map(String::as_str)
-}
-
 /// Where a destination leads.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Upstream<'a> {
@@ -271,7 +259,7 @@ pub fn route_virtual_service<'a, R: Rng + ?Sized>(
     Some(Routed {
         route: choice.route,
         upstream: resolve_upstream(state, namespace, &choice.destination.destination),
-        set_cookie: set_cookie_of(choice.destination),
+        set_cookie: choice.destination.set_cookie(),
     })
 }
 
