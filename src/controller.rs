@@ -299,7 +299,7 @@ async fn reconcile_inner(
     }
     let router = RouterKind::of(release);
     let previous_router = match status.router.as_deref() {
-        Some(recorded) => RouterKind::of_status(Some(recorded)),
+        Some(recorded) => RouterKind::of_status(recorded),
         // Nothing routed yet: no router to switch from.
         None if status.stable_revision.is_none() => router,
         // Routed before the router was recorded in status: by Istio, the only one then.

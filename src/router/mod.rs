@@ -71,10 +71,10 @@ impl RouterKind {
         }
     }
 
-    /// The router a status names; none (written before routers were recorded) is Istio.
-    pub fn of_status(router: Option<&str>) -> Self {
+    /// The router `status.router` names (what `as_str` wrote).
+    pub fn of_status(router: &str) -> Self {
         match router {
-            Some("gatewayAPI") => RouterKind::GatewayApi,
+            "gatewayAPI" => RouterKind::GatewayApi,
             _ => RouterKind::Istio,
         }
     }
