@@ -3,7 +3,8 @@
 //! records Events. All deciding happens in `rollout`; this file only does I/O.
 
 use crate::annotations::{Command, Commands, MANAGER};
-use crate::crd::{ChatRelease, ChatReleaseStatus, Phase};
+use crate::canary_watch::{self, CanaryWatch};
+use crate::crd::{ChatRelease, ChatReleaseStatus};
 use crate::error::Error;
 use crate::metrics::{AnalysisTarget, MetricsSource};
 use crate::rollout::{self, Decision, Plan, TrackPlan, World};
@@ -63,6 +64,8 @@ pub struct Context {
     /// it). Memory only: a restarted operator looks again at once, and the counts since the
     /// step began carry the test on.
     watched: std::sync::Mutex<std::collections::HashMap<ObjectRef<ChatRelease>, Timestamp>>,
+    /// The bulk sequential watch `run` starts, which each reconcile's own look seeds.
+    canary_watch: Option<Arc<CanaryWatch>>,
 }
 
 impl Context {
@@ -117,6 +120,7 @@ impl Context {
             observer: None,
             written: Default::default(),
             watched: Default::default(),
+            canary_watch: None,
         }
     }
 }
@@ -136,7 +140,17 @@ pub async fn run(
             None => Api::all(client.clone()),
         }
     }
-    let releases = api::<ChatRelease>(&client, namespace);
+    let (releases, releases_writer) = reflector::store();
+    let release_events = reflector::reflector(
+        releases_writer,
+        watcher(
+            api::<ChatRelease>(&client, namespace),
+            watcher::Config::default().any_semantic(),
+        )
+        .modify(keep_what_the_watch_reads),
+    )
+    .default_backoff()
+    .applied_objects();
     let owned = watcher::Config::default().labels(&format!(
         "{}={MANAGER}",
         crate::annotations::LABEL_MANAGED_BY
@@ -149,9 +163,21 @@ pub async fn run(
     )
     .default_backoff()
     .touched_objects();
-    let ctx = Arc::new(ctx_builder(deployments));
+    let mut ctx = ctx_builder(deployments);
+    // The sequential watch looks at all canaries in bulk and wakes the reconcile of one whose
+    // counts say stop.
+    let watch = Arc::new(CanaryWatch::new(
+        ctx.metrics.clone(),
+        ctx.default_prometheus.clone(),
+    ));
+    ctx.canary_watch = Some(watch.clone());
+    let ctx = Arc::new(ctx);
+    let (wake, woken) = futures::channel::mpsc::channel(1024);
+    let watching = tokio::spawn(watch.run(releases.clone(), ctx.clock.clone(), wake));
+    let _stop_watching = AbortOnDrop(watching);
     let observer = ctx.observer.clone();
-    let mut controller = Controller::new(releases, watcher::Config::default().any_semantic())
+    let mut controller = Controller::for_stream(release_events, releases)
+        .reconcile_on(woken)
         .owns_stream(deployment_events)
         .owns(api::<Service>(&client, namespace), owned.clone());
     // A router whose CRDs the cluster lacks is not watched (a watch of an unknown kind only
@@ -198,6 +224,25 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// Stops a spawned task when the controller stops (a lost leadership ends `run`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The ChatRelease cache feeds the controller's queue and the sequential watch; each reconcile
+/// reads its ChatRelease afresh. Managed fields and kubectl's copy of the last applied object
+/// are dropped: together often bigger than the spec itself.
+fn keep_what_the_watch_reads(release: &mut ChatRelease) {
+    release.metadata.managed_fields = None;
+    release
+        .annotations_mut()
+        .remove("kubectl.kubernetes.io/last-applied-configuration");
 }
 
 /// Whether the API server serves `plural` in `group_version` (its CRD is installed).
@@ -356,6 +401,7 @@ async fn reconcile_inner(
                 ..target
             };
             let seen = ctx.metrics.observe(&since_the_step).await;
+            seed_watch(ctx, release, &status, &seen);
             rollout::decide_watch(&settings, &status, &world, &seen, now)
         }
         _ => None,
@@ -364,13 +410,6 @@ async fn reconcile_inner(
         Some(decision) => decision,
         None => rollout::decide(&settings, &status, &world, observations.as_ref(), now),
     };
-    if let Some(every) = settings.watch_every
-        && matches!(decision.status.phase, Phase::Progressing | Phase::Paused)
-        && decision.status.canary_weight > 0
-    {
-        // The next look of the sequential test, not only the next analysis.
-        decision.requeue_after = decision.requeue_after.min(every);
-    }
     // Which router carries the traffic is I/O, not the decision's: it changes only once the
     // new router's routes are written and the old one's objects are gone.
     decision.status.router = Some(previous_router.as_str().to_string());
@@ -419,6 +458,33 @@ async fn reconcile_inner(
         publish(ctx, release, notice.warning, notice.reason, &notice.note).await;
     }
     Ok((Action::requeue(decision.requeue_after), Some(decision)))
+}
+
+/// Hands a reconcile's exact counts since the step began to the bulk watch, which goes on adding
+/// to them.
+fn seed_watch(
+    ctx: &Context,
+    release: &ChatRelease,
+    status: &ChatReleaseStatus,
+    seen: &crate::metrics::Observations,
+) {
+    let (Some(watch), crate::metrics::Observations::Sampled { canary, stable }) =
+        (&ctx.canary_watch, seen)
+    else {
+        return;
+    };
+    let (Some(started), Some(revision)) = (&status.step_started_at, &status.canary_revision) else {
+        return;
+    };
+    watch.seed(
+        ObjectRef::from_obj(release),
+        canary_watch::Step {
+            started: started.0,
+            revision: revision.clone(),
+        },
+        canary.into(),
+        stable.into(),
+    );
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

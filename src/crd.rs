@@ -596,7 +596,7 @@ fn default_error_codes() -> String {
 
 /// Where the request metrics come from. Each names the same three numbers (requests, errors,
 /// P99) in another set of series; `prometheus.rs` holds the queries of each.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum RequestSource {
     /// Istio's sidecars: `istio_requests_total` and `istio_request_duration_milliseconds` with
     /// `reporter="destination"`.

@@ -54,4 +54,29 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// which the judge treats as inconclusive (hold), never as a pass.
 pub trait MetricsSource: Send + Sync {
     fn observe<'a>(&'a self, target: &'a AnalysisTarget) -> BoxFuture<'a, Observations>;
+
+    /// Requests and errors of every workload a [`WatchLook`] covers, by one query each however
+    /// many canaries it covers: what the sequential watch needs to stay light at a thousand
+    /// releases. A backend that cannot ask in bulk returns `None`, and each ChatRelease is then
+    /// watched by its own reconciles only.
+    fn tally<'a>(&'a self, _look: &'a WatchLook) -> BoxFuture<'a, Option<Result<Tally, String>>> {
+        Box::pin(async { None })
+    }
 }
+
+/// One bulk look of the sequential watch: every canary whose ChatRelease asks the same
+/// Prometheus, from the same source, with the same error codes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchLook {
+    pub address: String,
+    pub source: RequestSource,
+    pub error_codes: String,
+    /// The namespaces of the ChatReleases it covers.
+    pub namespaces: Vec<String>,
+    /// How far back it counts: since the group's last look.
+    pub window: Duration,
+    pub at: jiff::Timestamp,
+}
+
+/// Requests and errors by `(namespace, workload)`.
+pub type Tally = std::collections::HashMap<(String, String), crate::sequential::Counts>;

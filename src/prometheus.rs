@@ -12,7 +12,9 @@
 //! `Observations::Unavailable`, which the judge holds on; no data becomes `None`, never zero.
 
 use crate::crd::RequestSource;
-use crate::metrics::{AnalysisTarget, BoxFuture, MetricsSource, Observations, TrackSample};
+use crate::metrics::{
+    AnalysisTarget, BoxFuture, MetricsSource, Observations, Tally, TrackSample, WatchLook,
+};
 use prometheus_http_query::response::Data;
 use prometheus_http_query::{Client, Error as ApiError, reqwest};
 use std::collections::HashMap;
@@ -231,6 +233,51 @@ pub fn custom_query(template: &str, namespace: &str, workload: &str, window: Dur
         .replace("{{window}}", &prometheus_duration(window))
 }
 
+/// Requests of every track in a watch look's namespaces, by namespace and workload: one query
+/// for all the canaries (and their stables) that share a Prometheus, a source and error codes.
+pub fn look_requests_query(look: &WatchLook) -> String {
+    let q = source_queries(look.source);
+    let series = format!("{}{{{}}}", q.requests, look_selector(look));
+    look_sum(look, &series)
+}
+
+/// Failed requests of every track in a watch look's namespaces, by namespace and workload.
+pub fn look_errors_query(look: &WatchLook) -> String {
+    let q = source_queries(look.source);
+    let series = format!(
+        "{}{{{},{}=~\"{}\"}}",
+        q.requests,
+        look_selector(look),
+        q.code_label,
+        promql_string(&look.error_codes)
+    );
+    look_sum(look, &series)
+}
+
+fn look_sum(look: &WatchLook, series: &str) -> String {
+    let q = source_queries(look.source);
+    format!(
+        "sum by ({}, {}) ({})",
+        q.namespace_label,
+        q.workload_label,
+        growth(series, &prometheus_duration(look.window))
+    )
+}
+
+/// Every track the operator runs in the look's namespaces: workloads named `<release>-canary` and
+/// `<release>-stable`.
+fn look_selector(look: &WatchLook) -> String {
+    let q = source_queries(look.source);
+    let namespaces: Vec<String> = look.namespaces.iter().map(|n| regex_literal(n)).collect();
+    format!(
+        "{}{}=~\"{}\",{}=~\".+-canary|.+-stable\"",
+        q.fixed,
+        q.namespace_label,
+        promql_string(&namespaces.join("|")),
+        q.workload_label,
+    )
+}
+
 fn selector(target: &AnalysisTarget) -> String {
     let q = source_queries(target.source);
     format!(
@@ -433,7 +480,35 @@ impl PrometheusSource {
     }
 }
 
+impl PrometheusSource {
+    async fn look(&self, look: &WatchLook) -> Result<Tally, QueryError> {
+        let address = normalise(&look.address);
+        let client = &self.client(address)?;
+        let at = Some(look.at.as_second());
+        let (requests_q, errors_q) = (look_requests_query(look), look_errors_query(look));
+        let (requests, errors) = futures::try_join!(
+            self.run(client, address, "watch requests", &requests_q, at),
+            self.run(client, address, "watch errors", &errors_q, at),
+        )?;
+        let q = source_queries(look.source);
+        let labels = [q.namespace_label, q.workload_label];
+        let requests = by_labels(address, "watch requests", labels, requests)?;
+        let mut errors = by_labels(address, "watch errors", labels, errors)?;
+        Ok(requests
+            .into_iter()
+            .map(|(key, requests)| {
+                let errors = errors.remove(&key).unwrap_or(0.0);
+                (key, crate::sequential::Counts { requests, errors })
+            })
+            .collect())
+    }
+}
+
 impl MetricsSource for PrometheusSource {
+    fn tally<'a>(&'a self, look: &'a WatchLook) -> BoxFuture<'a, Option<Result<Tally, String>>> {
+        Box::pin(async move { Some(self.look(look).await.map_err(|e| e.to_string())) })
+    }
+
     fn observe<'a>(&'a self, target: &'a AnalysisTarget) -> BoxFuture<'a, Observations> {
         Box::pin(async move {
             match self.sample(target).await {
@@ -487,6 +562,30 @@ fn by_workload(
         .filter_map(|s| {
             let (mut labels, sample) = s.into_inner();
             Some((labels.remove(label)?, finite(sample.value())?))
+        })
+        .collect())
+}
+
+/// One value per `(namespace, workload)` pair of labels.
+fn by_labels(
+    address: &str,
+    what: &str,
+    [namespace, workload]: [&str; 2],
+    data: Data,
+) -> Result<HashMap<(String, String), f64>, QueryError> {
+    let Data::Vector(series) = data else {
+        return Err(QueryError::Shape {
+            address: address.into(),
+            what: what.into(),
+            shape: shape_of(&data),
+        });
+    };
+    Ok(series
+        .into_iter()
+        .filter_map(|s| {
+            let (mut labels, sample) = s.into_inner();
+            let key = (labels.remove(namespace)?, labels.remove(workload)?);
+            Some((key, finite(sample.value())?))
         })
         .collect())
 }
@@ -922,6 +1021,35 @@ mod tests {
             assert_eq!(query.matches(&matcher).count(), 4, "{source:?}: {query}");
             assert!(!query.contains("47."), "{source:?}: {query}");
         }
+    }
+
+    #[test]
+    fn one_watch_look_asks_for_every_track_of_its_namespaces_by_namespace_and_workload() {
+        let look = WatchLook {
+            address: "http://p:9090".into(),
+            source: RequestSource::Istio,
+            error_codes: crate::crd::DEFAULT_ERROR_CODES.into(),
+            namespaces: vec!["chat".into(), "team.a".into()],
+            window: Duration::from_secs(60),
+            at: "2026-11-30T12:00:00Z".parse().expect("timestamp"),
+        };
+        let s = r#"reporter="destination",destination_workload_namespace=~"chat|team\\.a",destination_workload=~".+-canary|.+-stable""#;
+        assert_eq!(
+            look_requests_query(&look),
+            format!(
+                "sum by (destination_workload_namespace, destination_workload) ({})",
+                growth_60s(&format!("istio_requests_total{{{s}}}"))
+            )
+        );
+        assert_eq!(
+            look_errors_query(&look),
+            format!(
+                "sum by (destination_workload_namespace, destination_workload) ({})",
+                growth_60s(&format!(
+                    "istio_requests_total{{{s},response_code=~\"5..|47.\"}}"
+                ))
+            )
+        );
     }
 
     #[test]

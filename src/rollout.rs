@@ -14,8 +14,11 @@ use std::time::Duration;
 
 /// How often a settled ChatRelease is looked at again even when nothing happens.
 pub const RESYNC: Duration = Duration::from_secs(300);
-/// How often to look while waiting for pods (Deployment changes also wake the controller).
-pub const POLL_PODS: Duration = Duration::from_secs(5);
+/// How long a release waiting for pods goes unlooked-at at most. Every change of its Deployments'
+/// status wakes the controller at once (it watches them); this only covers a watch gone quiet (an
+/// API server restarting holds watches for minutes), so it need not be short: a 5 s poll made
+/// every waiting release cost the API server a read and three applies every 5 s.
+pub const PODS_BACKSTOP: Duration = Duration::from_secs(30);
 
 /// The state of one Deployment as far as the decision cares.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -185,15 +188,23 @@ pub fn watch_due(
     now: Timestamp,
 ) -> bool {
     settings.watch_every.is_some()
-        && matches!(status.phase, Phase::Progressing | Phase::Paused)
+        && canary_watchable(status)
+        && status.canary_revision.as_deref() == Some(world.desired_revision.as_str())
+        && world.commands == Commands::default()
+        && !analysis_due(settings, status, &world.commands, now)
+}
+
+/// What status alone says of [`watch_due`]: a Ready canary has weight in a step that is not
+/// paused by hand. The bulk watch (`canary_watch`) reads only this; the reconcile it wakes
+/// checks the rest.
+pub fn canary_watchable(status: &ChatReleaseStatus) -> bool {
+    matches!(status.phase, Phase::Progressing | Phase::Paused)
         && status.pause_reason != Some(PauseReason::Annotation)
         && status.current_step.is_some()
         && status.canary_weight > 0
         && status.canary_unready_since.is_none()
-        && status.canary_revision.as_deref() == Some(world.desired_revision.as_str())
         && status.step_started_at.is_some()
-        && world.commands == Commands::default()
-        && !analysis_due(settings, status, &world.commands, now)
+        && status.canary_revision.is_some()
 }
 
 /// The sequential test's window: every request since the step began (never before the canary
@@ -223,12 +234,7 @@ pub fn decide_watch(
     let Observations::Sampled { canary, stable } = observations else {
         return None;
     };
-    let counts = |t: &crate::metrics::TrackSample| crate::sequential::Counts {
-        requests: t.requests.unwrap_or(0.0),
-        errors: t.errors.unwrap_or(0.0),
-    };
-    let evidence =
-        crate::sequential::error_evidence(counts(canary), counts(stable), &settings.judge);
+    let evidence = crate::sequential::error_evidence(canary.into(), stable.into(), &settings.judge);
     if !evidence.stop {
         return None;
     }
@@ -555,7 +561,7 @@ impl<'a> Draft<'a> {
                 self.settings.replicas
             );
             self.action = Action::Initialize;
-            self.requeue_after = POLL_PODS;
+            self.requeue_after = PODS_BACKSTOP;
         }
     }
 
@@ -658,7 +664,7 @@ impl<'a> Draft<'a> {
             replicas: self.settings.replicas,
         };
         self.action = Action::StartCanary;
-        self.requeue_after = POLL_PODS;
+        self.requeue_after = PODS_BACKSTOP;
         self.notice("CanaryStarted", self.next.message.clone());
     }
 
@@ -766,7 +772,7 @@ impl<'a> Draft<'a> {
             self.warn("CanaryNotReady", self.next.message.clone());
         }
         self.action = Action::Hold;
-        self.requeue_after = POLL_PODS.min(until(self.now, Some(deadline)));
+        self.requeue_after = PODS_BACKSTOP.min(until(self.now, Some(deadline)));
     }
 
     /// The canary's pods are all Ready again: its step's weight returns, and the step starts over
@@ -882,7 +888,7 @@ impl<'a> Draft<'a> {
             self.next.draining_since = None;
             self.next.canary_started_at = Some(Time(self.now));
             self.action = Action::StartCanary;
-            self.requeue_after = POLL_PODS;
+            self.requeue_after = PODS_BACKSTOP;
             self.next.message = format!(
                 "started canary revision {}; waiting for its {} pods to be Ready",
                 Self::revision_short(self.next.canary_revision.as_deref()),
@@ -927,7 +933,7 @@ impl<'a> Draft<'a> {
             self.canary_ready_text()
         );
         self.action = Action::AwaitCanary;
-        self.requeue_after = POLL_PODS;
+        self.requeue_after = PODS_BACKSTOP;
     }
 
     fn analyse(&mut self, step: i32, observations: &Observations) {
@@ -1105,7 +1111,7 @@ impl<'a> Draft<'a> {
         self.plan.canary_routes = true;
         self.plan.stable_routes = false;
         self.action = Action::Promote;
-        self.requeue_after = POLL_PODS;
+        self.requeue_after = PODS_BACKSTOP;
         self.notice("Promoting", self.next.message.clone());
     }
 
@@ -1202,7 +1208,7 @@ impl<'a> Draft<'a> {
                     self.settings.replicas, self.settings.replicas
                 )
             };
-            self.requeue_after = POLL_PODS;
+            self.requeue_after = PODS_BACKSTOP;
         }
     }
 
@@ -1235,6 +1241,14 @@ pub fn later(at: Timestamp, d: Duration) -> Timestamp {
 }
 
 /// Time from now until `at`, or a resync if there is nothing to wait for.
+/// `d` before `at`, or the earliest time when that is before it.
+pub fn earlier(at: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| at.checked_sub(d).ok())
+        .unwrap_or(Timestamp::MIN)
+}
+
 fn until(now: Timestamp, at: Option<Timestamp>) -> Duration {
     match at {
         Some(at) => Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO),

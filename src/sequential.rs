@@ -39,6 +39,16 @@ pub struct Counts {
     pub errors: f64,
 }
 
+/// A track's requests and errors over a window; no data counts as none.
+impl From<&crate::metrics::TrackSample> for Counts {
+    fn from(sample: &crate::metrics::TrackSample) -> Self {
+        Self {
+            requests: sample.requests.unwrap_or(0.0),
+            errors: sample.errors.unwrap_or(0.0),
+        }
+    }
+}
+
 impl Counts {
     fn rate(self) -> f64 {
         if self.requests > 0.0 {

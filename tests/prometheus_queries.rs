@@ -5,7 +5,7 @@
 //! /usr/bin/prometheus).
 
 use chatrelease::crd::{DEFAULT_ERROR_CODES, RequestSource};
-use chatrelease::metrics::{AnalysisTarget, MetricsSource, Observations, TrackSample};
+use chatrelease::metrics::{AnalysisTarget, MetricsSource, Observations, TrackSample, WatchLook};
 use chatrelease::prometheus::PrometheusSource;
 use chatrelease::telemetry::{reply, serve_http};
 use hyper::StatusCode;
@@ -367,6 +367,37 @@ async fn waypoint_and_otel_sources_read_their_own_series_and_the_same_numbers() 
         };
         let (canary, stable) = sampled(PrometheusSource::default().observe(&target).await);
         eprintln!("{source:?}: canary {canary:?}, stable {stable:?}");
+        // The sequential watch's bulk look, over every track of the namespace, reads the same
+        // numbers as the canary's own analysis.
+        let look = WatchLook {
+            address: address.clone(),
+            source,
+            error_codes: DEFAULT_ERROR_CODES.into(),
+            namespaces: vec![SOURCES_NAMESPACE.into()],
+            window: WINDOW,
+            at: target.at,
+        };
+        let tally = PrometheusSource::default()
+            .tally(&look)
+            .await
+            .expect("Prometheus asks in bulk")
+            .expect("the bulk look answers");
+        let of = |workload: &str| tally[&(SOURCES_NAMESPACE.to_string(), workload.to_string())];
+        assert_eq!(
+            of("s-canary").requests,
+            canary.requests.expect("canary requests")
+        );
+        assert_eq!(of("s-canary").errors, canary.errors.expect("canary errors"));
+        assert_eq!(
+            of("s-stable").requests,
+            stable.requests.expect("stable requests")
+        );
+        assert_eq!(
+            of("s-stable").errors,
+            0.0,
+            "{source:?}: stable has no errors"
+        );
+        assert_eq!(tally.len(), 2, "{source:?}: {tally:?}");
         // increase() extrapolates to the window's edges and may miss up to a scrape at either
         // end; never the sidecar's hundredfold series.
         let canary_requests = canary.requests.expect("canary requests");
