@@ -176,27 +176,46 @@ pub async fn run(
     let watching = tokio::spawn(watch.run(releases.clone(), ctx.clock.clone(), wake));
     let _stop_watching = AbortOnDrop(watching);
     let observer = ctx.observer.clone();
+    let applied = ctx.router.applied().clone();
     let mut controller = Controller::for_stream(release_events, releases)
         .reconcile_on(woken)
         .owns_stream(deployment_events)
-        .owns(api::<Service>(&client, namespace), owned.clone());
+        .owns_stream(written_by_others(
+            api::<kube::core::PartialObjectMeta<Service>>(&client, namespace),
+            &owned,
+            &applied,
+        ));
     // A router whose CRDs the cluster lacks is not watched (a watch of an unknown kind only
     // fails); a ChatRelease that asks for it gets a RouterUnavailable Event instead.
     if serves(&client, "networking.istio.io/v1", "virtualservices").await {
-        controller = controller.owns(
-            api::<crate::router::istio::VirtualService>(&client, namespace),
-            owned.clone(),
-        );
+        controller = controller
+            .owns_stream(written_by_others(
+                api::<kube::core::PartialObjectMeta<crate::router::istio::VirtualService>>(
+                    &client, namespace,
+                ),
+                &owned,
+                &applied,
+            ))
+            .owns_stream(written_by_others(
+                api::<kube::core::PartialObjectMeta<crate::router::istio::DestinationRule>>(
+                    &client, namespace,
+                ),
+                &owned,
+                &applied,
+            ));
     } else {
         warn!(
             "the API server has no VirtualService (networking.istio.io/v1): traffic.istio cannot route"
         );
     }
     if serves(&client, "gateway.networking.k8s.io/v1", "httproutes").await {
-        controller = controller.owns(
-            api::<crate::router::gateway_api::HttpRoute>(&client, namespace),
-            owned,
-        );
+        controller = controller.owns_stream(written_by_others(
+            api::<kube::core::PartialObjectMeta<crate::router::gateway_api::HttpRoute>>(
+                &client, namespace,
+            ),
+            &owned,
+            &applied,
+        ));
     } else {
         warn!(
             "the API server has no HTTPRoute (gateway.networking.k8s.io/v1): traffic.gatewayAPI cannot route"
@@ -224,6 +243,38 @@ pub async fn run(
             }
         })
         .await;
+}
+
+/// The metadata of the objects of kind `K` the operator owns, as they change: each change wakes
+/// the owning ChatRelease's reconcile and, unless it is our own last apply, tells `applied` that
+/// the next apply must go through. Metadata only: a trigger is all that is needed, and a cache of
+/// whole VirtualServices would cost memory per release for nothing.
+fn written_by_others<K>(
+    api: Api<kube::core::PartialObjectMeta<K>>,
+    owned: &watcher::Config,
+    applied: &Arc<crate::applied::Applied>,
+) -> impl futures::Stream<Item = Result<kube::core::PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let applied = applied.clone();
+    let kind = K::kind(&()).to_string();
+    watcher(api, owned.clone())
+        .default_backoff()
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                applied.saw(&kind, &o.metadata, false)
+            }
+            Ok(watcher::Event::Delete(o)) => applied.saw(&kind, &o.metadata, true),
+            _ => {}
+        })
+        .touched_objects()
 }
 
 /// Stops a spawned task when the controller stops (a lost leadership ends `run`).
@@ -657,7 +708,10 @@ async fn apply_plan(
         ctx.router.set_routes(release, &routes).await?;
     }
     let service = workload::service(release);
-    apply(ctx, &namespace, &service).await?;
+    ctx.router
+        .applied()
+        .apply(&ctx.client, &namespace, &service)
+        .await?;
     ctx.router.reconcile(release).await?;
     if !routes_first {
         ctx.router.set_routes(release, &routes).await?;

@@ -4,6 +4,7 @@
 //! the I/O around it.
 
 pub mod annotations;
+pub mod applied;
 pub mod canary_watch;
 pub mod cli;
 pub mod controller;

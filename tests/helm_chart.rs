@@ -699,7 +699,7 @@ fn the_roles_grant_exactly_the_calls_the_operator_makes() {
         "ClusterRole apps/deployments/scale: patch",
         "ClusterRole /services: list, watch, create, patch, delete",
         "ClusterRole networking.istio.io/virtualservices: list, watch, create, patch, delete",
-        "ClusterRole networking.istio.io/destinationrules: create, patch, delete",
+        "ClusterRole networking.istio.io/destinationrules: list, watch, create, patch, delete",
         "ClusterRole gateway.networking.k8s.io/httproutes: list, watch, create, patch, delete",
         "ClusterRole events.k8s.io/events: create, patch",
         "Role coordination.k8s.io/leases: create",

@@ -13,6 +13,7 @@
 //! list order agree with Istio's first-match order: canaryMatch, then the cookies, then the split.
 
 use crate::annotations::LABEL_TRACK;
+use crate::applied::Applied;
 use crate::crd::{ChatRelease, GatewayApiTraffic, HttpMatch, StringMatch};
 use crate::error::Error;
 use crate::metrics::BoxFuture;
@@ -25,6 +26,7 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// The Gateway API's group.
 pub const GROUP: &str = "gateway.networking.k8s.io";
@@ -1077,11 +1079,17 @@ fn is_kind(kind: &str) -> bool {
 /// one server-side apply, so a rollback is one HTTPRoute write.
 pub struct GatewayApiRouter {
     client: kube::Client,
+    applied: Arc<Applied>,
 }
 
 impl GatewayApiRouter {
     pub fn new(client: kube::Client) -> Self {
-        Self { client }
+        Self::with_applied(client, Arc::default())
+    }
+
+    /// A router that writes through `client`, skipping what `applied` says is already there.
+    pub fn with_applied(client: kube::Client, applied: Arc<Applied>) -> Self {
+        Self { client, applied }
     }
 }
 
@@ -1105,7 +1113,7 @@ impl TrafficRouter for GatewayApiRouter {
             let namespace = super::namespace_of(release)?;
             for track in [Track::Stable, Track::Canary] {
                 let service = track_service(release, track);
-                super::apply(&self.client, &namespace, &service).await?;
+                super::apply(&self.client, &self.applied, &namespace, &service).await?;
             }
             Ok(())
         })
@@ -1120,7 +1128,7 @@ impl TrafficRouter for GatewayApiRouter {
             let namespace = super::namespace_of(release)?;
             let route = http_route(release, &attachment_of(release), routes)?;
             super::log_split(release, &namespace, routes);
-            super::apply(&self.client, &namespace, &route)
+            super::apply(&self.client, &self.applied, &namespace, &route)
                 .await
                 .map_err(|error| {
                     super::unavailable_when_unknown(error, "gatewayAPI", HTTPROUTE_CRD)

@@ -6,6 +6,7 @@
 //! `networking.istio.io/v1` CRDs; the rest of Istio's API is deliberately left out.
 
 use crate::annotations::LABEL_TRACK;
+use crate::applied::Applied;
 use crate::crd::{ChatRelease, HttpMatch, StringMatch};
 use crate::error::Error;
 use crate::metrics::BoxFuture;
@@ -15,6 +16,7 @@ use crate::workload::{self, Track};
 use kube::{CustomResource, ResourceExt};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Name of the weighted split, the last HTTP route of the VirtualService.
 pub const PRIMARY_ROUTE: &str = "primary";
@@ -331,12 +333,18 @@ pub fn virtual_service(release: &ChatRelease, routes: &Routes) -> VirtualService
 #[derive(Clone)]
 pub struct IstioRouter {
     pub client: kube::Client,
+    applied: Arc<Applied>,
 }
 
 impl IstioRouter {
     /// A router that writes through `client`.
     pub fn new(client: kube::Client) -> Self {
-        Self { client }
+        Self::with_applied(client, Arc::default())
+    }
+
+    /// A router that writes through `client`, skipping what `applied` says is already there.
+    pub fn with_applied(client: kube::Client, applied: Arc<Applied>) -> Self {
+        Self { client, applied }
     }
 }
 
@@ -350,7 +358,7 @@ impl TrafficRouter for IstioRouter {
             let namespace = super::namespace_of(release)?;
             let rule = destination_rule(release);
             tracing::debug!(release = %release.name_any(), %namespace, "applying DestinationRule");
-            super::apply(&self.client, &namespace, &rule)
+            super::apply(&self.client, &self.applied, &namespace, &rule)
                 .await
                 .map_err(|error| super::unavailable_when_unknown(error, "istio", ISTIO_CRDS))
         })
@@ -365,7 +373,7 @@ impl TrafficRouter for IstioRouter {
             let namespace = super::namespace_of(release)?;
             let service = virtual_service(release, routes);
             super::log_split(release, &namespace, routes);
-            super::apply(&self.client, &namespace, &service)
+            super::apply(&self.client, &self.applied, &namespace, &service)
                 .await
                 .map_err(|error| super::unavailable_when_unknown(error, "istio", ISTIO_CRDS))
         })

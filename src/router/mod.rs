@@ -7,13 +7,14 @@ mod crd_schema;
 pub mod gateway_api;
 pub mod istio;
 
-use crate::annotations::MANAGER;
+use crate::applied::Applied;
 use crate::crd::ChatRelease;
 use crate::error::Error;
 use crate::metrics::BoxFuture;
 use crate::settings::SpecError;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use kube::{Resource, ResourceExt};
+use std::sync::Arc;
 
 /// The split the rollout wants now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,14 +85,23 @@ impl RouterKind {
 pub struct Routers {
     istio: istio::IstioRouter,
     gateway_api: gateway_api::GatewayApiRouter,
+    applied: Arc<Applied>,
 }
 
 impl Routers {
     pub fn new(client: kube::Client) -> Self {
+        let applied = Arc::new(Applied::default());
         Self {
-            istio: istio::IstioRouter::new(client.clone()),
-            gateway_api: gateway_api::GatewayApiRouter::new(client),
+            istio: istio::IstioRouter::with_applied(client.clone(), applied.clone()),
+            gateway_api: gateway_api::GatewayApiRouter::with_applied(client, applied.clone()),
+            applied,
         }
+    }
+
+    /// What the routers (and the controller's Service) last applied: the watches on those
+    /// objects tell it of other writers.
+    pub fn applied(&self) -> &Arc<Applied> {
+        &self.applied
     }
 
     /// The router of `kind`.
@@ -135,8 +145,14 @@ fn namespace_of(release: &ChatRelease) -> Result<String, Error> {
     })
 }
 
-/// Server-side applies `object` as the operator's field manager, in one request.
-async fn apply<K>(client: &kube::Client, namespace: &str, object: &K) -> Result<(), Error>
+/// Server-side applies `object` as the operator's field manager, in one request, unless it is
+/// unchanged since our last apply ([`Applied`]).
+async fn apply<K>(
+    client: &kube::Client,
+    applied: &Applied,
+    namespace: &str,
+    object: &K,
+) -> Result<(), Error>
 where
     K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -144,14 +160,7 @@ where
         + serde::Serialize
         + serde::de::DeserializeOwned,
 {
-    let name = object.meta().name.clone().unwrap_or_default();
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    // force: the operator owns these objects; a stale manager must not block a rollback.
-    let params = PatchParams::apply(MANAGER).force();
-    api.patch(&name, &params, &Patch::Apply(object))
-        .await
-        .map_err(|e| Error::kube("apply", &K::kind(&()), namespace, &name, e))?;
-    Ok(())
+    applied.apply(client, namespace, object).await.map(|_| ())
 }
 
 /// Deletes `name` if it is there; gone already is done.
