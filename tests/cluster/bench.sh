@@ -2,11 +2,14 @@
 # bench.sh STATE_DIR [N] — how the operator holds up with N ChatReleases (default 100) on the local
 # control plane: its resident memory idle, with N Stable releases and at its peak; how long the
 # first apply of N releases takes to reach Stable; how long a template change of all N takes to
-# reach the first canary step; and its reconcile durations. It prints figures and asserts nothing
-# (`make bench`). Everything runs on 127.0.0.1 and is torn down at the end, whatever happens.
+# reach the first canary step; its CPU for each, and at rest (a minute with all N Stable, and a
+# minute with all N canaries at 5% under the sequential watch); the requests it sends the API
+# server and Prometheus at rest; and its reconcile durations. It prints figures and asserts
+# nothing (`make bench`). Everything runs on 127.0.0.1 and is torn down at the end, whatever
+# happens.
 #
 # No mesh simulator runs, so every analysis finds no traffic and holds: the figures are the
-# operator's own cost (watches, caches, SSA writes, status), not Prometheus'.
+# operator's own cost (watches, caches, SSA writes, status, queries), not the traffic's.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -46,6 +49,38 @@ operator=$!
 echo "$operator" >"$STATE_DIR/pids/chatrelease-operator.pid"
 metrics() { curl -fsS "http://127.0.0.1:$metrics_port/metrics"; }
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$operator/status"; }
+# The operator's CPU time so far, in seconds (user + system).
+cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$operator/stat"; }
+# Requests to the API server for what only the operator touches (ChatReleases other than the
+# bench's own LISTs, Services, VirtualServices, DestinationRules, HTTPRoutes, and Deployments
+# other than the Deployment controller's status writes); watches excluded.
+api_requests() {
+  "$KUBECTL" get --raw /metrics | awk '
+    /^apiserver_request_total\{/ {
+      verb = res = sub_ = ""
+      if (match($0, /verb="[^"]*"/)) verb = substr($0, RSTART + 6, RLENGTH - 7)
+      if (match($0, /resource="[^"]*"/)) res = substr($0, RSTART + 10, RLENGTH - 11)
+      if (match($0, /subresource="[^"]*"/)) sub_ = substr($0, RSTART + 13, RLENGTH - 14)
+      if (verb == "WATCH" || verb == "LIST") next
+      if (res ~ /^(chatreleases|services|virtualservices|destinationrules|httproutes)$/ ||
+          (res == "deployments" && sub_ != "status")) total += $NF
+    }
+    END {printf "%d", total}'
+}
+prometheus_queries() {
+  metrics | awk '/^chatrelease_prometheus_query_duration_seconds_count/ {s += $2} END {printf "%d", s}'
+}
+# Over REST_SECONDS of rest: the operator's CPU seconds per minute, API requests a second and
+# Prometheus queries a second, as "cpu requests queries".
+: "${REST_SECONDS:=60}"
+at_rest() {
+  local c0 a0 q0 c1 a1 q1
+  c0=$(cpu_s) a0=$(api_requests) q0=$(prometheus_queries)
+  sleep "$REST_SECONDS"
+  c1=$(cpu_s) a1=$(api_requests) q1=$(prometheus_queries)
+  awk -v c0="$c0" -v c1="$c1" -v a0="$a0" -v a1="$a1" -v q0="$q0" -v q1="$q1" -v t="$REST_SECONDS" \
+    'BEGIN {printf "%.2f %.2f %.2f", (c1 - c0) * 60 / t, (a1 - a0) / t, (q1 - q0) / t}'
+}
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$operator/status"; }
 mb() { awk -v kb="$1" 'BEGIN {printf "%.1f MB", kb / 1024}'; }
 for _ in $(seq 1 100); do metrics >/dev/null 2>&1 && break; sleep 0.2; done
@@ -89,15 +124,23 @@ wait_all() {
 
 k create namespace "$NS" >/dev/null
 say "applying $N ChatReleases"
+cpu0=$(cpu_s)
 releases "example.invalid/chat:v1" | k apply --server-side -f - >/dev/null
 stable_s=$(wait_all "Stable" .status.phase Stable)
+cpu_stable=$(awk -v a="$(cpu_s)" -v b="$cpu0" 'BEGIN {printf "%.2f", a - b}')
 sleep 5
 stable_kb=$(rss_kb)
-say "all $N Stable in ${stable_s}s; changing every template"
+say "all $N Stable in ${stable_s}s; ${REST_SECONDS}s at rest"
+read -r rest_stable_cpu rest_stable_api rest_stable_queries < <(at_rest)
+say "changing every template"
+cpu0=$(cpu_s)
 releases "example.invalid/chat:v2" | k apply --server-side -f - >/dev/null
 canary_s=$(wait_all "at 5%" .status.canaryWeight 5)
+cpu_canary=$(awk -v a="$(cpu_s)" -v b="$cpu0" 'BEGIN {printf "%.2f", a - b}')
 sleep 5
 canary_kb=$(rss_kb)
+say "all $N at 5% in ${canary_s}s; ${REST_SECONDS}s at rest under the sequential watch"
+read -r rest_canary_cpu rest_canary_api rest_canary_queries < <(at_rest)
 peak_kb=$(hwm_kb)
 
 m=$(metrics)
@@ -120,8 +163,15 @@ figure "resident memory, $N Stable" "$(mb "$stable_kb")"
 figure "resident memory, $N canaries at 5%" "$(mb "$canary_kb")"
 figure "resident memory, peak (VmHWM)" "$(mb "$peak_kb")"
 figure "memory per ChatRelease (Stable - idle) / N" "$(awk -v a="$stable_kb" -v b="$idle_kb" -v n="$N" 'BEGIN {printf "%.1f kB", (a - b) / n}')"
-figure "first apply of $N to all Stable" "${stable_s}s"
-figure "template change of $N to all at 5%" "${canary_s}s"
+figure "first apply of $N to all Stable" "${stable_s}s, ${cpu_stable} s of CPU"
+figure "template change of $N to all at 5%" "${canary_s}s, ${cpu_canary} s of CPU"
+figure "CPU per transition (template change / N)" "$(awk -v c="$cpu_canary" -v n="$N" 'BEGIN {printf "%.1f ms", 1000 * c / n}')"
+figure "CPU at rest, $N Stable" "${rest_stable_cpu} s a minute"
+figure "CPU at rest, $N at 5% (watched every 10s)" "${rest_canary_cpu} s a minute"
+figure "API requests at rest, $N Stable" "${rest_stable_api} /s"
+figure "API requests at rest, $N at 5%" "${rest_canary_api} /s"
+figure "Prometheus queries at rest, $N Stable" "${rest_stable_queries} /s"
+figure "Prometheus queries at rest, $N at 5%" "${rest_canary_queries} /s"
 figure "reconciles that reached a decision" "$reconciles"
 figure "reconcile duration, mean" "$(awk -v s="$reconcile_sum" -v c="$reconciles" 'BEGIN {printf "%.1f ms", c ? 1000 * s / c : 0}')"
 figure "reconcile duration, median bucket" "$(bucket_for 0.5)"
