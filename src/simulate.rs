@@ -1,6 +1,10 @@
 //! `kubectl chatrelease simulate`: the operator's judge and state machine run on observations from
 //! a file, one analysis interval per tick, with no cluster. The canary starts with its pods Ready
 //! at the first step.
+//!
+//! A tick may come sooner than the interval (`"after": "10s"`): if no analysis is due then, it is
+//! a look of the sequential test (`analysis.watchEvery`), and its counts are those since the step
+//! began, which is what the operator's look reads.
 
 use crate::annotations::Commands;
 use crate::crd::{ChatRelease, ChatReleaseStatus, Phase, Verdict};
@@ -26,6 +30,10 @@ pub struct Scenario {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tick {
+    /// How long after the previous tick (or the canary's start) this one comes: a duration such
+    /// as `10s`; one `strategy.interval` when absent.
+    #[serde(default)]
+    pub after: Option<String>,
     #[serde(default)]
     pub prometheus: PrometheusState,
     #[serde(default)]
@@ -119,6 +127,10 @@ pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
         return Err(ScenarioError::at("ticks", "must list at least one tick"));
     }
     for (i, tick) in scenario.ticks.iter().enumerate() {
+        if let Some(after) = &tick.after {
+            tick_gap(after)
+                .map_err(|problem| ScenarioError::at(format!("ticks[{i}].after"), problem))?;
+        }
         for (track, input) in [("canary", &tick.canary), ("stable", &tick.stable)] {
             let Some(input) = input else { continue };
             let numbers = [
@@ -147,7 +159,18 @@ pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
     Ok(scenario)
 }
 
-/// Runs every tick through `rollout::decide`.
+/// A tick's `after`: from a second to a day.
+fn tick_gap(after: &str) -> Result<SignedDuration, String> {
+    let range = crate::settings::DurationRange {
+        min: std::time::Duration::from_secs(1),
+        max: std::time::Duration::from_secs(86_400),
+    };
+    let gap = crate::settings::parse_duration("after", after, range).map_err(|e| e.problem)?;
+    SignedDuration::try_from(gap).map_err(|e| e.to_string())
+}
+
+/// Runs every tick through `rollout::decide` (or, at a look between analyses,
+/// `rollout::decide_watch`).
 pub fn run(scenario: &Scenario) -> Result<Vec<TickOutcome>, ScenarioError> {
     let spec = &scenario.release.spec;
     let settings = Settings::from_spec(spec)
@@ -179,8 +202,13 @@ pub fn run(scenario: &Scenario) -> Result<Vec<TickOutcome>, ScenarioError> {
     };
 
     let mut outcomes = Vec::with_capacity(scenario.ticks.len());
+    let mut now = start;
     for (i, tick) in scenario.ticks.iter().enumerate() {
-        let now = start + interval * (i as i32 + 1);
+        now += match &tick.after {
+            Some(after) => tick_gap(after)
+                .map_err(|problem| ScenarioError::at(format!("ticks[{i}].after"), problem))?,
+            None => interval,
+        };
         // Stable's Deployment takes the promoted template at once: no pods to wait for here.
         let stable_runs = if status.phase == Phase::Promoting {
             status.canary_revision.clone()
@@ -214,13 +242,20 @@ pub fn run(scenario: &Scenario) -> Result<Vec<TickOutcome>, ScenarioError> {
             },
         };
         let due = rollout::analysis_due(&settings, &status, &world.commands, now);
-        let decision = rollout::decide(
-            &settings,
-            &status,
-            &world,
-            due.then_some(&observations),
-            now,
-        );
+        let stopped_early = if due {
+            None
+        } else {
+            rollout::decide_watch(&settings, &status, &world, &observations, now)
+        };
+        let decision = stopped_early.unwrap_or_else(|| {
+            rollout::decide(
+                &settings,
+                &status,
+                &world,
+                due.then_some(&observations),
+                now,
+            )
+        });
         let analysed = decision
             .status
             .last_analysis
@@ -280,6 +315,31 @@ mod tests {
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.starts_with("release.spec.strategy.steps:"), "{err}");
+    }
+
+    #[test]
+    fn a_tick_sooner_than_the_interval_is_a_sequential_look_over_the_step_so_far() {
+        let s = scenario(
+            r#"{"after": "10s", "canary": {"requests": 30, "errors": 15}, "stable": {"requests": 570}},
+               {"after": "10s", "canary": {"requests": 200, "errors": 100}, "stable": {"requests": 1140}}"#,
+        )
+        .unwrap();
+        let out = run(&s).unwrap();
+        assert_eq!((out[0].action, out[0].weight), ("none", 5), "{out:?}");
+        assert_eq!((out[1].action, out[1].weight), ("rollback", 0), "{out:?}");
+        assert!(
+            out[1].reason.contains("sequential test"),
+            "{}",
+            out[1].reason
+        );
+    }
+
+    #[test]
+    fn a_bad_tick_gap_names_the_field() {
+        let err = scenario(r#"{"after": "soon"}"#).unwrap_err().to_string();
+        assert!(err.starts_with("ticks[0].after:"), "{err}");
+        let err = scenario(r#"{}, {"after": "0s"}"#).unwrap_err().to_string();
+        assert!(err.starts_with("ticks[1].after:"), "{err}");
     }
 
     #[test]
