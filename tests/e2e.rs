@@ -2165,3 +2165,60 @@ async fn ze_under_a_one_minute_interval_a_healthy_canary_is_watched_and_promoted
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zi_under_a_one_minute_interval_an_outage_both_tracks_share_is_looked_at_and_holds() {
+    run(
+        "sequential-shared",
+        Needs::Operator,
+        LONG_LIMIT,
+        async |t| {
+            let minute = Duration::from_secs(60);
+            stable_at(t, &Release::version("v1").interval(minute)).await;
+            t.start_provider_outage("0.5").await;
+            let timeline = t.timeline();
+            t.apply(&Release::version("v2").interval(minute)).await;
+            t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
+            // Six looks of the sequential test see half of each track's requests fail, then the
+            // interval's analysis: none stops the canary, the analysis blames shared trouble.
+            t.holds_until(
+                "weight 5 and Progressing through a minute of shared outage",
+                minute + Duration::from_secs(10),
+                minute + Duration::from_secs(40),
+                |r| weight(r) == 5 && phase(r) == Some(Phase::Progressing),
+                || {
+                    let blamed = timeline.analyses().iter().any(|a| {
+                        a.verdict == Verdict::Inconclusive
+                            && a.checks.iter().any(|c| c.note.contains(SHARED_TROUBLE))
+                    });
+                    if blamed {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "no analysis blamed shared trouble:\n{}",
+                            timeline.describe()
+                        ))
+                    }
+                },
+            )
+            .await;
+            assert!(
+                timeline
+                    .statuses()
+                    .iter()
+                    .all(|s| !s.message.contains("stopped early")),
+                "{}",
+                timeline.describe()
+            );
+            assert_eq!(
+                t.split().await,
+                Some(Split {
+                    stable: 95,
+                    canary: 5
+                })
+            );
+        },
+    )
+    .await;
+}
