@@ -4,6 +4,7 @@
 //! the I/O around it.
 
 pub mod annotations;
+pub mod checks;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -1326,8 +1326,8 @@ async fn p_a_spec_only_the_operator_refuses_is_failed_with_traffic_untouched() {
         );
         assert_eq!(image_of(&canary).as_deref(), Some("lobehub/lobe-chat:v1"));
         assert_eq!(
-            t.release().await.spec.analysis.metrics[0].name,
-            "latency-p99",
+            t.release().await.spec.analysis.metrics[0].name.as_deref(),
+            Some("latency-p99"),
             "the user's spec is left as written"
         );
 
