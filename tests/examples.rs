@@ -144,13 +144,17 @@ fn the_backend_example_judges_time_to_first_token_with_every_placeholder() {
         .analysis
         .metrics
         .iter()
-        .find(|m| m.query.contains("chat_time_to_first_token_seconds_bucket"))
+        .find(|m| {
+            m.query
+                .as_deref()
+                .is_some_and(|q| q.contains("chat_time_to_first_token_seconds_bucket"))
+        })
         .expect("a time-to-first-token check");
+    let query = ttft.query.as_deref().unwrap_or_default();
     for placeholder in ["{{namespace}}", "{{workload}}", "{{window}}"] {
         assert!(
-            ttft.query.contains(placeholder),
-            "{placeholder} missing: {}",
-            ttft.query
+            query.contains(placeholder),
+            "{placeholder} missing: {query}"
         );
     }
     assert_eq!(ttft.max, Some(1.5));
