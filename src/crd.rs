@@ -544,11 +544,17 @@ pub struct Analysis {
     /// Bound on the 99th percentile of request duration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_p99: Option<LatencyBound>,
-    /// More checks, each a PromQL query run for both tracks.
+    /// More checks, each a PromQL query or a built-in check, run for both tracks.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
-    #[x_kube(validation = kube::core::Rule::new("self.all(m, self.exists_one(n, n.name == m.name))")
-        .message("analysis.metrics names must be unique"))]
+    // A check's name defaults to the check; '' for an entry with neither, which its own rule
+    // refuses with a clearer message.
+    #[x_kube(validation = kube::core::Rule::new(concat!(
+            "self.all(m, self.exists_one(n, ",
+            "(has(n.name) ? n.name : (has(n.check) ? n.check : '')) == ",
+            "(has(m.name) ? m.name : (has(m.check) ? m.check : ''))))"))
+        .message("analysis.metrics names must be unique (a check without a name is named after \
+            its check)"))]
     pub metrics: Vec<CustomMetric>,
 }
 
@@ -622,6 +628,66 @@ impl RequestSource {
             RequestSource::Otel => "otel",
         }
     }
+}
+
+/// A built-in check whose query the operator writes for each track: `ttft-p99`, `ttft-p95`,
+/// `time-per-output-token-p99`, `output-tokens-per-request`, `memory-growth` or `cpu-per-request`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BuiltinCheck {
+    /// 99th percentile of time to first token, in seconds.
+    #[serde(rename = "ttft-p99")]
+    TtftP99,
+    /// 95th percentile of time to first token, in seconds.
+    #[serde(rename = "ttft-p95")]
+    TtftP95,
+    /// 99th percentile of the time between output tokens after the first, in seconds.
+    #[serde(rename = "time-per-output-token-p99")]
+    TimePerOutputTokenP99,
+    /// Mean output tokens per answered request.
+    #[serde(rename = "output-tokens-per-request")]
+    OutputTokensPerRequest,
+    /// Steepest growth of a pod's memory working set, in bytes per minute.
+    #[serde(rename = "memory-growth")]
+    MemoryGrowth,
+    /// CPU seconds spent per request served.
+    #[serde(rename = "cpu-per-request")]
+    CpuPerRequest,
+}
+
+impl BuiltinCheck {
+    /// Every check, in the order the README lists them.
+    pub const ALL: [BuiltinCheck; 6] = [
+        BuiltinCheck::TtftP99,
+        BuiltinCheck::TtftP95,
+        BuiltinCheck::TimePerOutputTokenP99,
+        BuiltinCheck::OutputTokensPerRequest,
+        BuiltinCheck::MemoryGrowth,
+        BuiltinCheck::CpuPerRequest,
+    ];
+
+    /// The name a spec writes, which is also the check's default name in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuiltinCheck::TtftP99 => "ttft-p99",
+            BuiltinCheck::TtftP95 => "ttft-p95",
+            BuiltinCheck::TimePerOutputTokenP99 => "time-per-output-token-p99",
+            BuiltinCheck::OutputTokensPerRequest => "output-tokens-per-request",
+            BuiltinCheck::MemoryGrowth => "memory-growth",
+            BuiltinCheck::CpuPerRequest => "cpu-per-request",
+        }
+    }
+}
+
+/// Whose metric names the LLM checks read: `otel` (OpenTelemetry GenAI, the default) or `vllm`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub enum CheckFlavor {
+    /// The OpenTelemetry GenAI semantic conventions (`gen_ai_server_time_to_first_token_seconds`).
+    #[default]
+    #[serde(rename = "otel")]
+    Otel,
+    /// vLLM's own metrics (`vllm:time_to_first_token_seconds`).
+    #[serde(rename = "vllm")]
+    Vllm,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -704,15 +770,36 @@ pub struct LatencyBound {
 #[x_kube(validation = kube::core::Rule::new(
         "has(self.max) || has(self.min) || has(self.maxIncrease) || has(self.maxDecrease)")
     .message("a custom metric needs max, min, maxIncrease or maxDecrease"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.query) != has(self.check)")
+    .message("each of analysis.metrics needs exactly one of query (your PromQL) and check (a \
+        built-in check such as ttft-p99)"))]
+#[x_kube(validation = kube::core::Rule::new("has(self.name) || has(self.check)")
+    .message("analysis.metrics[].name is required with a query (a check is named after itself \
+        unless given a name)"))]
+#[x_kube(validation = kube::core::Rule::new("!has(self.flavor) || has(self.check)")
+    .message("analysis.metrics[].flavor goes with check: it says whose metric names a built-in \
+        check reads, and a query names its own"))]
 pub struct CustomMetric {
-    /// Name shown in status; unique among the metrics.
+    /// Name shown in status; unique among the metrics. Default: the `check`, if one is named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')")
         .message("a metric name must be lower-case letters, digits and '-'"))]
-    pub name: String,
+    pub name: Option<String>,
     /// PromQL returning one number; `{{namespace}}`, `{{workload}}` and `{{window}}` are filled in.
+    /// Exactly one of `query` and `check`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
-    pub query: String,
+    pub query: Option<String>,
+    /// A built-in check whose query the operator writes for each track (see the README's "How
+    /// the judge decides"). Exactly one of `query` and `check`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<BuiltinCheck>,
+    /// Whose metric names the LLM checks read: `otel` (the OpenTelemetry GenAI semantic
+    /// conventions, the default) or `vllm` (vLLM's own `vllm:` metrics). Only with `check`;
+    /// `memory-growth` and `cpu-per-request` read the kubelet's container metrics either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flavor: Option<CheckFlavor>,
     /// The canary's value must not exceed this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,

@@ -6,6 +6,7 @@
 pub mod annotations;
 pub mod applied;
 pub mod canary_watch;
+pub mod checks;
 pub mod cli;
 pub mod controller;
 pub mod crd;

@@ -375,8 +375,10 @@ async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
     // The CRD admits it (a well-formed, unique name); only the operator knows the name is taken
     // by a built-in check.
     bad.spec.analysis.metrics = vec![crate::crd::CustomMetric {
-        name: "latency-p99".into(),
-        query: "vector(1)".into(),
+        name: Some("latency-p99".into()),
+        query: Some("vector(1)".into()),
+        check: None,
+        flavor: None,
         max: Some(1.0),
         min: None,
         max_increase: None,
@@ -415,8 +417,8 @@ async fn a_spec_the_operator_cannot_use_is_reported_not_applied() {
         "nothing but status is written: {writes:?}"
     );
     assert_eq!(
-        h.stored().spec.analysis.metrics[0].name,
-        "latency-p99",
+        h.stored().spec.analysis.metrics[0].name.as_deref(),
+        Some("latency-p99"),
         "the user's spec is left as written"
     );
     let _ = LABEL_REVISION;

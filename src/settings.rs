@@ -64,6 +64,8 @@ pub struct JudgeSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CustomCheck {
     pub name: String,
+    /// PromQL with `{{namespace}}`, `{{workload}}` and `{{window}}`: the user's, or a built-in
+    /// check's as `checks.rs` renders it.
     pub query: String,
     pub max: Option<f64>,
     pub min: Option<f64>,
@@ -147,7 +149,7 @@ impl Settings {
                 "needs max, maxIncrease or both",
             ));
         }
-        let custom = custom_checks(&analysis.metrics)?;
+        let custom = custom_checks(&analysis.metrics, analysis.source)?;
 
         Ok(Self {
             replicas: spec.replicas,
@@ -266,29 +268,58 @@ fn check_error_codes(codes: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-fn custom_checks(metrics: &[CustomMetric]) -> Result<Vec<CustomCheck>, SpecError> {
+fn custom_checks(
+    metrics: &[CustomMetric],
+    source: RequestSource,
+) -> Result<Vec<CustomCheck>, SpecError> {
     let mut checks: Vec<CustomCheck> = Vec::with_capacity(metrics.len());
     for (i, m) in metrics.iter().enumerate() {
         let field = format!("analysis.metrics[{i}]");
-        if m.name.is_empty() {
+        let query = match (&m.query, m.check) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(SpecError::new(
+                    field,
+                    "needs exactly one of query (your PromQL) and check (a built-in check such \
+                     as ttft-p99)",
+                ));
+            }
+            (Some(query), None) => {
+                if m.flavor.is_some() {
+                    return Err(SpecError::new(
+                        format!("{field}.flavor"),
+                        "goes with check: it says whose metric names a built-in check reads, \
+                         and a query names its own",
+                    ));
+                }
+                if query.trim().is_empty() {
+                    return Err(SpecError::new(
+                        format!("{field}.query"),
+                        "must not be empty",
+                    ));
+                }
+                query.clone()
+            }
+            (None, Some(check)) => {
+                crate::checks::query_template(check, m.flavor.unwrap_or_default(), source)
+            }
+        };
+        let name = match (&m.name, m.check) {
+            (Some(name), _) => name.clone(),
+            (None, Some(check)) => check.as_str().to_string(),
+            (None, None) => {
+                return Err(SpecError::new(
+                    format!("{field}.name"),
+                    "is required with a query",
+                ));
+            }
+        };
+        if name.is_empty() {
             return Err(SpecError::new(format!("{field}.name"), "must not be empty"));
         }
-        if checks.iter().any(|c| c.name == m.name)
-            || m.name == "error-rate"
-            || m.name == "latency-p99"
-        {
+        if checks.iter().any(|c| c.name == name) || name == "error-rate" || name == "latency-p99" {
             return Err(SpecError::new(
                 format!("{field}.name"),
-                format!(
-                    "{:?} is used twice (error-rate and latency-p99 are taken)",
-                    m.name
-                ),
-            ));
-        }
-        if m.query.trim().is_empty() {
-            return Err(SpecError::new(
-                format!("{field}.query"),
-                "must not be empty",
+                format!("{name:?} is used twice (error-rate and latency-p99 are taken)"),
             ));
         }
         let relative = |name: &str, text: &Option<String>, most: f64| {
@@ -305,8 +336,8 @@ fn custom_checks(metrics: &[CustomMetric]) -> Result<Vec<CustomCheck>, SpecError
             ));
         }
         checks.push(CustomCheck {
-            name: m.name.clone(),
-            query: m.query.clone(),
+            name,
+            query,
             max: m.max,
             min: m.min,
             max_increase,
@@ -826,8 +857,10 @@ mod tests {
     fn custom_metric_names_are_unique() {
         let mut s = spec();
         let m = crate::crd::CustomMetric {
-            name: "ttft-p99".into(),
-            query: "vector(1)".into(),
+            name: Some("ttft-p99".into()),
+            query: Some("vector(1)".into()),
+            check: None,
+            flavor: None,
             max: Some(1.5),
             min: None,
             max_increase: None,
@@ -837,6 +870,111 @@ mod tests {
         assert_eq!(
             Settings::from_spec(&s).unwrap_err().field,
             "analysis.metrics[1].name"
+        );
+    }
+
+    fn with_metrics(metrics: serde_json::Value) -> ChatReleaseSpec {
+        serde_json::from_value(serde_json::json!({
+            "template": {"spec": {"containers": [{"name": "app", "image": "chat:v1"}]}},
+            "analysis": {"source": "otel", "metrics": metrics}
+        }))
+        .expect("spec deserialises")
+    }
+
+    #[test]
+    fn a_builtin_check_is_named_after_itself_and_runs_its_rendered_query() {
+        let s = Settings::from_spec(&with_metrics(serde_json::json!([
+            {"check": "ttft-p99", "max": 1.5},
+            {"check": "ttft-p99", "flavor": "vllm", "name": "vllm-ttft", "max": 1.5},
+            {"check": "cpu-per-request", "maxIncrease": "20%"}
+        ])))
+        .unwrap();
+        let names: Vec<&str> = s.judge.custom.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["ttft-p99", "vllm-ttft", "cpu-per-request"]);
+        let custom = &s.judge.custom;
+        assert_eq!(
+            custom[0].query,
+            crate::checks::query_template(
+                crate::crd::BuiltinCheck::TtftP99,
+                crate::crd::CheckFlavor::Otel,
+                RequestSource::Otel
+            )
+        );
+        assert!(
+            custom[1]
+                .query
+                .contains("vllm:time_to_first_token_seconds_bucket")
+        );
+        assert_eq!(custom[0].max, Some(1.5));
+        // The request rate it divides by is the ChatRelease's source's.
+        assert!(
+            custom[2]
+                .query
+                .contains("http_server_request_duration_seconds_count"),
+            "{}",
+            custom[2].query
+        );
+        assert!((custom[2].max_increase.unwrap() - 0.2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_metric_names_exactly_one_of_query_and_check() {
+        for (metric, field, needle) in [
+            (
+                serde_json::json!({"name": "t", "query": "vector(1)", "check": "ttft-p99", "max": 1}),
+                "analysis.metrics[0]",
+                "exactly one of query",
+            ),
+            (
+                serde_json::json!({"name": "t", "max": 1}),
+                "analysis.metrics[0]",
+                "exactly one of query",
+            ),
+            (
+                serde_json::json!({"query": "vector(1)", "max": 1}),
+                "analysis.metrics[0].name",
+                "required with a query",
+            ),
+            (
+                serde_json::json!({"name": "t", "query": "vector(1)", "flavor": "vllm", "max": 1}),
+                "analysis.metrics[0].flavor",
+                "goes with check",
+            ),
+            (
+                serde_json::json!({"check": "memory-growth"}),
+                "analysis.metrics[0]",
+                "needs max, min, maxIncrease or maxDecrease",
+            ),
+        ] {
+            let err = Settings::from_spec(&with_metrics(serde_json::json!([metric.clone()])))
+                .expect_err("refused");
+            assert_eq!(err.field, field, "{metric}");
+            assert!(err.problem.contains(needle), "{metric}: {err}");
+        }
+    }
+
+    #[test]
+    fn two_unnamed_checks_of_one_kind_clash_by_name() {
+        let err = Settings::from_spec(&with_metrics(serde_json::json!([
+            {"check": "ttft-p99", "max": 1.5},
+            {"check": "ttft-p99", "flavor": "vllm", "max": 2}
+        ])))
+        .unwrap_err();
+        assert_eq!(err.field, "analysis.metrics[1].name");
+        assert!(err.problem.contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_check_is_refused_naming_it() {
+        let err = serde_json::from_value::<ChatReleaseSpec>(serde_json::json!({
+            "template": {"spec": {"containers": [{"name": "app", "image": "chat:v1"}]}},
+            "analysis": {"metrics": [{"check": "ttft-p98", "max": 1}]}
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("ttft-p98") && err.contains("ttft-p99"),
+            "{err}"
         );
     }
 }

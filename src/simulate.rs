@@ -154,8 +154,30 @@ pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
             }
         }
     }
-    Settings::from_spec(&scenario.release.spec)
+    let settings = Settings::from_spec(&scenario.release.spec)
         .map_err(|e| ScenarioError::at(format!("release.spec.{}", e.field), e.problem))?;
+    // A value under a name no check has would be read by nothing: the check it was meant for
+    // would see no data and hold, and the scenario would test something else than it says.
+    let names: Vec<&str> = settings
+        .judge
+        .custom
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    for (i, tick) in scenario.ticks.iter().enumerate() {
+        for (track, input) in [("canary", &tick.canary), ("stable", &tick.stable)] {
+            let keys = input.iter().flat_map(|input| input.custom.keys());
+            if let Some(unknown) = keys.into_iter().find(|k| !names.contains(&k.as_str())) {
+                return Err(ScenarioError::at(
+                    format!("ticks[{i}].{track}.custom.{unknown}"),
+                    format!(
+                        "names no check of release.spec.analysis.metrics (a check's name, or \
+                         its built-in check when it has no name): {names:?}"
+                    ),
+                ));
+            }
+        }
+    }
     Ok(scenario)
 }
 
@@ -305,6 +327,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ticks[0]") && err.contains("canray"), "{err}");
+    }
+
+    #[test]
+    fn a_value_for_a_check_the_spec_does_not_have_is_refused_naming_it() {
+        let with_check = |custom: &str| {
+            MINIMAL
+                .replace(
+                    "TICKS",
+                    &format!(r#"{{"canary": {{"requests": 100, "custom": {custom}}}}}"#),
+                )
+                .replace(
+                    r#""template""#,
+                    r#""analysis": {"metrics": [{"check": "ttft-p99", "max": 1.5}]}, "template""#,
+                )
+        };
+        assert!(parse(&with_check(r#"{"ttft-p99": 0.8}"#)).is_ok());
+        let err = parse(&with_check(r#"{"ttft_p99": 0.8}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("ticks[0].canary.custom.ttft_p99:") && err.contains("\"ttft-p99\""),
+            "{err}"
+        );
     }
 
     #[test]

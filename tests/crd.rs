@@ -181,3 +181,38 @@ fn crd_refuses_relative_bounds_out_of_range_and_checks_without_a_bound() {
         "latencyP99.max is optional beside maxIncrease"
     );
 }
+
+/// A metric names its PromQL or a built-in check, never both and never neither; the API server
+/// says so, and refuses a check it does not know.
+#[test]
+fn crd_refuses_a_metric_with_both_or_neither_of_query_and_check() {
+    let crd: serde_yaml::Value = serde_yaml::from_str(&committed()).expect("YAML");
+    let metrics = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["analysis"]["properties"]["metrics"];
+    let item = &metrics["items"];
+    let rules: Vec<&str> = item["x-kubernetes-validations"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
+        .collect();
+    for rule in [
+        "has(self.query) != has(self.check)",
+        "has(self.name) || has(self.check)",
+        "!has(self.flavor) || has(self.check)",
+    ] {
+        assert!(rules.contains(&rule), "{rule} not in {rules:?}");
+    }
+    let checks: Vec<&str> = item["properties"]["check"]["enum"]
+        .as_sequence()
+        .expect("an enum")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    let known: Vec<&str> = chatrelease::crd::BuiltinCheck::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    assert_eq!(checks, known);
+    assert!(item["required"].is_null(), "name and query are optional");
+}

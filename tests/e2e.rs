@@ -538,7 +538,7 @@ async fn manual_gate(t: &TestEnv, router: Router) {
 async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field() {
     run("invalid-specs", Needs::Namespace, LIMIT, async |t| {
         type Edit = fn(&mut serde_json::Value);
-        let cases: [(&str, Edit, &str, &str); 32] = [
+        let cases: [(&str, Edit, &str, &str); 38] = [
             (
                 "steps not ascending",
                 |m| m["spec"]["strategy"]["steps"] = json!([25, 5, 100]),
@@ -691,6 +691,54 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
                 },
                 "spec.analysis.metrics[0].maxDecrease",
                 "from 0% to 100%",
+            ),
+            (
+                "a metric with both PromQL and a built-in check",
+                |m| {
+                    m["spec"]["analysis"]["metrics"] = json!([
+                        {"name": "ttft", "query": "vector(1)", "check": "ttft-p99", "max": 1.5}])
+                },
+                "spec.analysis.metrics[0]",
+                "exactly one of query (your PromQL) and check",
+            ),
+            (
+                "a metric with neither PromQL nor a check",
+                |m| m["spec"]["analysis"]["metrics"] = json!([{"name": "ttft", "max": 1.5}]),
+                "spec.analysis.metrics[0]",
+                "exactly one of query (your PromQL) and check",
+            ),
+            (
+                "PromQL without a name",
+                |m| m["spec"]["analysis"]["metrics"] = json!([{"query": "vector(1)", "max": 1}]),
+                "spec.analysis.metrics[0]",
+                "name is required with a query",
+            ),
+            (
+                "a flavor beside PromQL",
+                |m| {
+                    m["spec"]["analysis"]["metrics"] = json!([
+                        {"name": "ttft", "query": "vector(1)", "flavor": "vllm", "max": 1.5}])
+                },
+                "spec.analysis.metrics[0]",
+                "flavor goes with check",
+            ),
+            (
+                "a check the operator does not know",
+                |m| {
+                    m["spec"]["analysis"]["metrics"] = json!([{"check": "ttft-p98", "max": 1.5}])
+                },
+                "spec.analysis.metrics[0].check",
+                "ttft-p99",
+            ),
+            (
+                "two unnamed checks of one kind",
+                |m| {
+                    m["spec"]["analysis"]["metrics"] = json!([
+                        {"check": "ttft-p99", "max": 1.5},
+                        {"check": "ttft-p99", "flavor": "vllm", "max": 2}])
+                },
+                "spec.analysis.metrics",
+                "names must be unique",
             ),
             (
                 "a latency bound without max or maxIncrease",
@@ -1001,7 +1049,71 @@ async fn k_a_canary_breaching_a_custom_time_to_first_token_check_is_rolled_back(
     .await;
 }
 
-// ----- (zb), (zc): other metric sources -----------------------------------------------------------
+// ----- (zf), (zg): built-in checks, no PromQL written ------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zf_a_canary_whose_time_to_first_token_regresses_is_rolled_back_by_the_built_in_check() {
+    run("builtin-ttft", Needs::Operator, LIMIT, async |t| {
+        let release = |tag| Release::version(tag).check(json!({"check": "ttft-p99", "max": 1.5}));
+        let slow = release("v2").env("SIM_TTFT_SECONDS", "4");
+        assert!(
+            slow.manifest()["spec"]["analysis"]["metrics"]
+                .as_array()
+                .is_some_and(|m| m.iter().all(|m| m.get("query").is_none())),
+            "no PromQL is written"
+        );
+        a_canary_failing_a_check_is_rolled_back(t, release("v1"), slow, "ttft-p99").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zg_a_canary_whose_answers_grow_half_longer_is_rolled_back_by_a_relative_bound_alone() {
+    run("builtin-tokens", Needs::Operator, LIMIT, async |t| {
+        let release = |tag| {
+            Release::version(tag)
+                .latency_p99("1s")
+                .check(json!({"check": "output-tokens-per-request", "maxIncrease": "30%"}))
+        };
+        // The simulator's default is 300 tokens an answer.
+        let verbose = release("v2").env("SIM_OUTPUT_TOKENS", "450");
+        a_canary_failing_a_check_is_rolled_back(
+            t,
+            release("v1"),
+            verbose,
+            "output-tokens-per-request",
+        )
+        .await;
+        // Its errors and latency were fine all along: only the relative bound failed, and the
+        // status says what stable's value made of it.
+        let analysis = t
+            .release()
+            .await
+            .status
+            .unwrap_or_default()
+            .last_analysis
+            .expect("a last analysis");
+        for fine in ["error-rate", "latency-p99"] {
+            let check = analysis
+                .checks
+                .iter()
+                .find(|c| c.name == fine)
+                .unwrap_or_else(|| panic!("no {fine} in {analysis:?}"));
+            assert_eq!(check.verdict, Verdict::Pass, "{check:?}");
+        }
+        let tokens = analysis
+            .checks
+            .iter()
+            .find(|c| c.name == "output-tokens-per-request")
+            .expect("the tokens check");
+        assert!(tokens.bound.contains("stable × 1.30"), "{tokens:?}");
+    })
+    .await;
+}
+
+// ----- (zb), (zc), (zh): other metric sources -----------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
@@ -1041,6 +1153,19 @@ async fn zb_an_otel_source_canary_is_judged_from_the_apps_histogram_and_promoted
                 .expect("a canary P99");
             assert!((100.0..1000.0).contains(&p99), "P99 {p99} ms: {a:?}");
         }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
+async fn zh_an_otel_source_canary_answering_5xx_is_rolled_back() {
+    run("otel-source-5xx", Needs::Operator, LIMIT, async |t| {
+        let good = Release::version("v1").source("otel");
+        let bad = Release::version("v2")
+            .source("otel")
+            .env(SIM_ERROR_RATE, "0.3");
+        a_canary_failing_a_check_is_rolled_back(t, good, bad, "error-rate").await;
     })
     .await;
 }
@@ -1326,8 +1451,8 @@ async fn p_a_spec_only_the_operator_refuses_is_failed_with_traffic_untouched() {
         );
         assert_eq!(image_of(&canary).as_deref(), Some("lobehub/lobe-chat:v1"));
         assert_eq!(
-            t.release().await.spec.analysis.metrics[0].name,
-            "latency-p99",
+            t.release().await.spec.analysis.metrics[0].name.as_deref(),
+            Some("latency-p99"),
             "the user's spec is left as written"
         );
 

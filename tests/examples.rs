@@ -91,6 +91,10 @@ fn there_are_examples() {
         names.contains(&"lobe-chat-gateway-api.yaml".to_string()),
         "{names:?}"
     );
+    assert!(
+        names.contains(&"lobe-chat-with-backend-checks.yaml".to_string()),
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -144,14 +148,97 @@ fn the_backend_example_judges_time_to_first_token_with_every_placeholder() {
         .analysis
         .metrics
         .iter()
-        .find(|m| m.query.contains("chat_time_to_first_token_seconds_bucket"))
+        .find(|m| {
+            m.query
+                .as_deref()
+                .is_some_and(|q| q.contains("chat_time_to_first_token_seconds_bucket"))
+        })
         .expect("a time-to-first-token check");
+    let query = ttft.query.as_deref().unwrap_or_default();
     for placeholder in ["{{namespace}}", "{{workload}}", "{{window}}"] {
         assert!(
-            ttft.query.contains(placeholder),
-            "{placeholder} missing: {}",
-            ttft.query
+            query.contains(placeholder),
+            "{placeholder} missing: {query}"
         );
     }
     assert_eq!(ttft.max, Some(1.5));
+}
+
+/// The checks example judges the backend on time to first token, tokens per answer (relative to
+/// stable) and memory growth, and LobeChat on memory growth, with no PromQL written: the
+/// operator renders each query, reading the OpenTelemetry GenAI and cAdvisor series.
+#[test]
+fn the_checks_example_judges_ttft_tokens_and_memory_without_promql() {
+    use chatrelease::crd::BuiltinCheck;
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/lobe-chat-with-backend-checks.yaml");
+    let releases: Vec<ChatRelease> = documents(&file)
+        .into_iter()
+        .filter(|(_, json)| json["kind"] == "ChatRelease")
+        .map(|(what, json)| typed(&what, &json))
+        .collect();
+    assert_eq!(releases.len(), 2);
+    for release in &releases {
+        let name = release.metadata.name.as_deref().unwrap_or_default();
+        let metrics = &release.spec.analysis.metrics;
+        assert!(
+            metrics.iter().all(|m| m.query.is_none()),
+            "{name}: no hand-written PromQL"
+        );
+        let settings = Settings::from_spec(&release.spec).expect("accepted");
+        let memory = settings
+            .judge
+            .custom
+            .iter()
+            .find(|c| c.name == "memory-growth")
+            .unwrap_or_else(|| panic!("{name}: no memory-growth check"));
+        assert!(memory.query.contains("container_memory_working_set_bytes"));
+        assert_eq!(
+            memory.max,
+            Some(10.0 * 1024.0 * 1024.0),
+            "{name}: 10 MiB/min"
+        );
+    }
+    let backend = releases
+        .iter()
+        .find(|r| r.metadata.name.as_deref() == Some("chat-backend"))
+        .expect("chat-backend");
+    let by_check = |check: BuiltinCheck| {
+        backend
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .find(|m| m.check == Some(check))
+            .unwrap_or_else(|| panic!("chat-backend has no {check:?} check"))
+    };
+    assert_eq!(by_check(BuiltinCheck::TtftP99).max, Some(1.5));
+    let tokens = by_check(BuiltinCheck::OutputTokensPerRequest);
+    assert_eq!(tokens.max_increase.as_deref(), Some("30%"));
+    assert_eq!(
+        (tokens.max, tokens.min),
+        (None, None),
+        "a relative bound alone"
+    );
+    let settings = Settings::from_spec(&backend.spec).expect("accepted");
+    let queries: Vec<&str> = settings
+        .judge
+        .custom
+        .iter()
+        .map(|c| c.query.as_str())
+        .collect();
+    assert!(queries[0].contains("gen_ai_server_time_to_first_token_seconds_bucket"));
+    assert!(queries[1].contains(r#"gen_ai_client_token_usage_sum{namespace="{{namespace}}",workload="{{workload}}",gen_ai_token_type="output"}"#));
+    // The backend's pods are scraped for the GenAI series.
+    let annotations = backend
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.as_ref())
+        .expect("scrape annotations");
+    assert_eq!(
+        annotations.get("prometheus.io/scrape").map(String::as_str),
+        Some("true")
+    );
 }

@@ -432,3 +432,212 @@ async fn waypoint_and_otel_sources_read_their_own_series_and_the_same_numbers() 
     }
     let _ = stop.send(());
 }
+
+const CHECKS_NAMESPACE: &str = "checks";
+/// Pod names as a Deployment's ReplicaSet makes them.
+const CANARY_POD: &str = "q-canary-5d8f9c7b6-x2k9p";
+const CANARY_STEADY_POD: &str = "q-canary-5d8f9c7b6-b7m4d";
+const STABLE_POD: &str = "q-stable-7c9d8e6f5-h3j8k";
+/// Another Deployment whose name begins with the canary's: its pods are not the canary's.
+const OTHER_POD: &str = "q-canary-worker-6b5c4d3e2-z9x8w";
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The series the built-in checks read, as the mesh simulator exports them (same names and
+/// labels; `tests/meshsim/metrics.rs` checks its own lines), `t` seconds after the start. Per
+/// second the canary answers 10 requests, first tokens within 1-1.5 s, 0.05-0.1 s per later
+/// token, 450 output tokens each, 0.25 CPU seconds each; one of its pods leaks 10 MiB a minute.
+/// Stable answers 20, first tokens within 0.25-0.5 s, 0.01-0.02 s per token, 300 tokens, 0.05 CPU
+/// seconds, memory flat. Beside them: the waypoint-reported requests a hundred times busier than
+/// the sidecars' and the app's (a CPU per request reading the wrong source is caught), another Deployment's pod leaking a GiB a
+/// minute and the pods' own cgroups (container="") growing as fast; no check may read those.
+fn builtin_series(t: f64) -> String {
+    let mut text = String::new();
+    let histogram = |name: &str, labels: &str, count: f64, low: &str, high: &str| {
+        let mut lines = String::new();
+        for (le, value) in [(low, 0.0), (high, count), ("+Inf", count)] {
+            lines += &format!("{name}_bucket{{{labels},le=\"{le}\"}} {value}\n");
+        }
+        lines + &format!("{name}_count{{{labels}}} {count}\n")
+    };
+    for (workload, rps, ttft, tpot, tokens) in [
+        ("q-canary", 10.0, ("1", "1.5"), ("0.05", "0.1"), 450.0),
+        ("q-stable", 20.0, ("0.25", "0.5"), ("0.01", "0.02"), 300.0),
+    ] {
+        let n = rps * t;
+        let app = format!("namespace=\"{CHECKS_NAMESPACE}\",workload=\"{workload}\"");
+        let vllm = format!("{app},model_name=\"sim-model\"");
+        text += &histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            &app,
+            n,
+            ttft.0,
+            ttft.1,
+        );
+        text += &histogram("vllm:time_to_first_token_seconds", &vllm, n, ttft.0, ttft.1);
+        text += &histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            &app,
+            n,
+            tpot.0,
+            tpot.1,
+        );
+        text += &histogram("vllm:inter_token_latency_seconds", &vllm, n, tpot.0, tpot.1);
+        let usage = format!("{app},gen_ai_token_type=\"output\"");
+        text += &format!("gen_ai_client_token_usage_sum{{{usage}}} {}\n", tokens * n);
+        text += &format!("gen_ai_client_token_usage_count{{{usage}}} {n}\n");
+        text += &format!("vllm:generation_tokens_total{{{vllm}}} {}\n", tokens * n);
+        text += &format!("vllm:request_success_total{{{vllm}}} {n}\n");
+        for (reporter, scale) in [("destination", 1.0), ("waypoint", 100.0)] {
+            text += &format!(
+                "istio_requests_total{{reporter=\"{reporter}\",destination_workload_namespace=\"{CHECKS_NAMESPACE}\",destination_workload=\"{workload}\",response_code=\"200\"}} {}\n",
+                scale * n
+            );
+        }
+        text += &format!(
+            "http_server_request_duration_seconds_count{{{app},http_response_status_code=\"200\"}} {n}\n"
+        );
+    }
+    let container = |pod: &str, container: &str| {
+        format!("namespace=\"{CHECKS_NAMESPACE}\",pod=\"{pod}\",container=\"{container}\"")
+    };
+    let minutes = t / 60.0;
+    for (pod, per_minute, cpu) in [
+        (CANARY_POD, 10.0 * MIB, 0.25 * 5.0 * t),
+        (CANARY_STEADY_POD, 0.0, 0.25 * 5.0 * t),
+        (STABLE_POD, 0.0, 0.05 * 20.0 * t),
+        (OTHER_POD, 1024.0 * MIB, 100.0 * t),
+    ] {
+        let memory = 200.0 * MIB + per_minute * minutes;
+        text += &format!(
+            "container_memory_working_set_bytes{{{}}} {memory}\n",
+            container(pod, "app")
+        );
+        text += &format!(
+            "container_cpu_usage_seconds_total{{{}}} {cpu}\n",
+            container(pod, "app")
+        );
+        // The pod's own cgroup: its containers summed, and a leak as steep as the other pod's.
+        text += &format!(
+            "container_memory_working_set_bytes{{{}}} {}\n",
+            container(pod, ""),
+            memory + 1024.0 * MIB * minutes
+        );
+    }
+    text
+}
+
+#[tokio::test]
+#[ignore = "starts a real Prometheus: make e2e"]
+async fn every_built_in_check_reads_its_tracks_value_from_the_simulators_series() {
+    use chatrelease::crd::{BuiltinCheck, ChatReleaseSpec};
+    use chatrelease::settings::Settings;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let exporter = listener.local_addr().expect("address").to_string();
+    let started = unix_now();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_http(
+        listener,
+        move |_, uri: &hyper::Uri| {
+            if uri.path() == "/metrics" {
+                let body = builtin_series(unix_now() - started);
+                reply(StatusCode::OK, "text/plain; version=0.0.4", body)
+            } else {
+                reply(StatusCode::NOT_FOUND, "text/plain", String::new())
+            }
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let (_prometheus, address) = start_prometheus(&exporter).await;
+    let at = (unix_now() + 3.0 + 2.0 * WINDOW.as_secs_f64()).ceil() as i64;
+    tokio::time::sleep(Duration::from_secs_f64(
+        (at as f64 + 1.5 - unix_now()).max(0.0),
+    ))
+    .await;
+
+    // What each check must read, canary and stable, with both flavors and every source where
+    // they matter: each spec names every check once with no PromQL of its own.
+    let interpolated = |low: f64, high: f64, q: f64| low + q * (high - low);
+    let llm = [
+        (
+            "ttft-p99",
+            interpolated(1.0, 1.5, 0.99),
+            interpolated(0.25, 0.5, 0.99),
+        ),
+        (
+            "ttft-p95",
+            interpolated(1.0, 1.5, 0.95),
+            interpolated(0.25, 0.5, 0.95),
+        ),
+        (
+            "time-per-output-token-p99",
+            interpolated(0.05, 0.1, 0.99),
+            interpolated(0.01, 0.02, 0.99),
+        ),
+        ("output-tokens-per-request", 450.0, 300.0),
+    ];
+    let pods = [
+        ("memory-growth", 10.0 * MIB, 0.0),
+        ("cpu-per-request", 0.25, 0.05),
+    ];
+    let mut runs = 0;
+    for (flavor, source) in [
+        ("otel", RequestSource::Istio),
+        ("vllm", RequestSource::Otel),
+        ("otel", RequestSource::IstioWaypoint),
+    ] {
+        let metrics: Vec<serde_json::Value> = BuiltinCheck::ALL
+            .iter()
+            .map(|c| serde_json::json!({"check": c.as_str(), "flavor": flavor, "maxIncrease": "20%"}))
+            .collect();
+        let spec: ChatReleaseSpec = serde_json::from_value(serde_json::json!({
+            "template": {"spec": {"containers": [{"name": "app", "image": "chat:v1"}]}},
+            "analysis": {"source": source.as_str(), "metrics": metrics}
+        }))
+        .expect("spec");
+        let settings = Settings::from_spec(&spec).expect("valid settings");
+        let target = AnalysisTarget {
+            namespace: CHECKS_NAMESPACE.into(),
+            canary_workload: "q-canary".into(),
+            stable_workload: "q-stable".into(),
+            window: WINDOW,
+            custom: settings.judge.custom.clone(),
+            source,
+            error_codes: DEFAULT_ERROR_CODES.into(),
+            address: address.clone(),
+            at: jiff::Timestamp::from_second(at).expect("a time"),
+        };
+        let (canary, stable) = sampled(PrometheusSource::default().observe(&target).await);
+        // The waypoint's requests are a hundred times the sidecars' and the app's here: CPU per
+        // request is divided by the requests of the ChatRelease's own source.
+        let per_request = if source == RequestSource::IstioWaypoint {
+            100.0
+        } else {
+            1.0
+        };
+        let pods = pods.map(|(name, canary, stable)| match name {
+            "cpu-per-request" => (name, canary / per_request, stable / per_request),
+            _ => (name, canary, stable),
+        });
+        for (name, want_canary, want_stable) in llm.iter().chain(pods.iter()) {
+            let got = |track: &TrackSample| track.custom.get(*name).copied().flatten();
+            for (track, got, want) in [
+                ("canary", got(&canary), *want_canary),
+                ("stable", got(&stable), *want_stable),
+            ] {
+                let got =
+                    got.unwrap_or_else(|| panic!("{flavor}/{source:?} {name} {track}: no value"));
+                eprintln!("{flavor}/{source:?} {name} {track}: {got} (want {want})");
+                assert!(
+                    (got - want).abs() <= 0.01 * want.abs() + 1e-9,
+                    "{flavor}/{source:?} {name} {track}: {got}, want {want}"
+                );
+                runs += 1;
+            }
+        }
+    }
+    assert_eq!(runs, 3 * 2 * BuiltinCheck::ALL.len());
+    let _ = stop.send(());
+}

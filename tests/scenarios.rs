@@ -92,7 +92,7 @@ fn mismatches(file: &Path) -> Vec<String> {
 fn every_scenario_of_the_repository_gives_the_expected_actions() {
     let files = scenario_files(&own_scenarios());
     assert!(
-        files.len() >= 7,
+        files.len() >= 9,
         "tests/scenarios lost its files: {files:?}"
     );
     let wrong: Vec<String> = files.iter().flat_map(|f| mismatches(f)).collect();
@@ -139,5 +139,48 @@ fn the_repositorys_copies_match_the_shared_scenarios_of_the_same_name() {
                 theirs.display()
             );
         }
+    }
+}
+
+/// The built-in check scenarios: a ChatRelease that names a check and writes no PromQL is rolled
+/// back by that check alone. With the canary's values of the check set to stable's (all else
+/// the same), nothing is rolled back.
+#[test]
+fn a_builtin_check_alone_rolls_back_a_ttft_regression_and_a_memory_leak() {
+    for (file, check) in [
+        ("ttft-regression-builtin-rollback.json", "ttft-p99"),
+        ("memory-leak-rollback.json", "memory-growth"),
+    ] {
+        let text = std::fs::read_to_string(own_scenarios().join(file)).expect("readable");
+        let scenario = simulate::parse(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let metrics = &scenario.release.spec.analysis.metrics;
+        assert!(
+            metrics
+                .iter()
+                .all(|m| m.query.is_none() && m.check.is_some()),
+            "{file}: no PromQL written"
+        );
+        let outcomes = simulate::run(&scenario).expect("runs");
+        let rollback = outcomes
+            .iter()
+            .find(|o| o.action == "rollback")
+            .unwrap_or_else(|| panic!("{file}: no rollback in {outcomes:?}"));
+        assert!(
+            rollback.reason.contains(check),
+            "{file}: the rollback does not name {check}: {}",
+            rollback.reason
+        );
+
+        let mut same = scenario.clone();
+        for tick in &mut same.ticks {
+            if let (Some(canary), Some(stable)) = (&mut tick.canary, &tick.stable) {
+                canary.custom = stable.custom.clone();
+            }
+        }
+        let outcomes = simulate::run(&same).expect("runs");
+        assert!(
+            outcomes.iter().all(|o| o.action != "rollback"),
+            "{file}: rolled back with the canary's {check} at stable's: {outcomes:?}"
+        );
     }
 }

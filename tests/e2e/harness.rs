@@ -528,6 +528,13 @@ impl Release {
         self
     }
 
+    /// One more `spec.analysis.metrics` entry as written, such as a built-in check
+    /// `{"check": "ttft-p99", "max": 1.5}`.
+    pub fn check(mut self, entry: Value) -> Release {
+        self.metrics.push(entry);
+        self
+    }
+
     /// Sets an environment variable of the container (the simulator reads `SIM_*`).
     pub fn env(mut self, name: &str, value: &str) -> Release {
         self.env.push((name.into(), value.into()));

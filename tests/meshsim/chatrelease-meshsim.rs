@@ -9,7 +9,8 @@
 //! mode), answers each request as the chosen pod's `SIM_*` environment variables say, and exports
 //! the outcome as Istio's own metrics (`istio_requests_total`,
 //! `istio_request_duration_milliseconds`) plus the chat app's `chat_time_to_first_token_seconds`,
-//! for a real Prometheus to scrape and the operator to judge. Beside them it exports what the
+//! the series the built-in checks read (OpenTelemetry GenAI, vLLM, and the kubelet's per-pod
+//! memory and CPU), for a real Prometheus to scrape and the operator to judge. Beside them it exports what the
 //! end-to-end tests check about users: which kind of user each workload served and who moved from
 //! one workload to another (see [`metrics`]).
 //!
@@ -102,12 +103,20 @@ pub enum MeshSimError {
         http_server_request_duration_seconds (the app's OpenTelemetry histogram, labels \
         namespace, workload and http_response_status_code) and \
         chat_time_to_first_token_seconds on /metrics for Prometheus to scrape, so a ChatRelease \
-        of any analysis.source finds its series. No HTTP request \
-        is ever sent to a pod.\n\n\
+        of any analysis.source finds its series; and what the built-in checks read, under their \
+        OpenTelemetry GenAI names (gen_ai_server_time_to_first_token_seconds, \
+        gen_ai_server_time_per_output_token_seconds, gen_ai_client_token_usage) and vLLM's \
+        (vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, \
+        vllm:generation_tokens_total, vllm:request_success_total), and the kubelet's \
+        container_memory_working_set_bytes and container_cpu_usage_seconds_total of every pod \
+        (labels namespace, pod, container). No HTTP request is ever sent to a pod.\n\n\
         A pod's first container sets how it answers: SIM_ERROR_RATE (fraction answered 500/503, \
         default 0), SIM_PROVIDER_ERROR_RATE (fraction answered 470-479, default 0), \
-        SIM_LATENCY_MS (median duration, default 200) and SIM_TTFT_SECONDS (median time to \
-        first token, default 0.4). A ConfigMap `mesh-simulator` with key providerErrorRate \
+        SIM_LATENCY_MS (median duration, default 200), SIM_TTFT_SECONDS (median time to \
+        first token, default 0.4), SIM_TIME_PER_OUTPUT_TOKEN_SECONDS (median, default 0.02), \
+        SIM_OUTPUT_TOKENS (median output tokens of an answer, default 300), \
+        SIM_MEMORY_GROWTH_BYTES_PER_MIN (working set growth from the pod's start, default 0) and \
+        SIM_CPU_SECONDS_PER_REQUEST (default 0.01). A ConfigMap `mesh-simulator` with key providerErrorRate \
         (e.g. \"0.12\") adds a model-provider outage to every track of its namespace while it \
         exists.\n\n\
         A cluster without Istio's or the Gateway API's CRDs is fine: the missing kind is \

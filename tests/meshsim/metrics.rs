@@ -2,17 +2,24 @@
 //! series again with `reporter="waypoint"`) an ambient waypoint would, the app's OpenTelemetry
 //! HTTP server histogram (`http_server_request_duration_seconds`), every request counted in all
 //! three always, so a ChatRelease of any `analysis.source` finds its series; the chat app's time
-//! to first token, and two about users that only the
+//! to first token; the series the built-in checks read (`analysis.metrics[].check`), under both
+//! their OpenTelemetry GenAI and their vLLM names, and the kubelet's cAdvisor memory and CPU of
+//! every pod; and two about users that only the
 //! end-to-end tests read, labelled by the route object the requests went through (`route`, and
 //! `route_kind` `VirtualService` or `HTTPRoute`).
 
+use crate::pods::{BASE_MEMORY_BYTES, SimPod};
 use crate::requests::RequestRecord;
 use crate::traffic::UserRequest;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 /// Istio's `reporter` label for the server-side proxy, the one `analysis.source: istio` selects.
 pub const REPORTER: &str = "destination";
@@ -34,6 +41,18 @@ pub const TTFT_BUCKETS_SECONDS: [f64; 13] = [
     0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0,
 ];
 
+/// Buckets of the time per output token histograms, in seconds.
+pub const TIME_PER_OUTPUT_TOKEN_BUCKETS_SECONDS: [f64; 13] = [
+    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5,
+];
+/// The OpenTelemetry GenAI conventions' advised buckets of `gen_ai.client.token.usage`.
+pub const TOKEN_USAGE_BUCKETS: [f64; 14] = [
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+/// The model vLLM's series name in `model_name`.
+pub const VLLM_MODEL: &str = "sim-model";
+
 /// Istio's standard labels on `istio_requests_total` and `istio_request_duration_milliseconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IstioLabels {
@@ -49,6 +68,30 @@ struct IstioLabels {
 struct TtftLabels {
     namespace: String,
     workload: String,
+}
+
+/// Labels of `gen_ai_client_token_usage`: the app's, and the kind of token (`output` here).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenUsageLabels {
+    namespace: String,
+    workload: String,
+    gen_ai_token_type: String,
+}
+
+/// Labels of vLLM's series: the app's, and vLLM's own `model_name`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VllmLabels {
+    namespace: String,
+    workload: String,
+    model_name: String,
+}
+
+/// Labels of the kubelet's cAdvisor series of a container.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+struct ContainerLabels {
+    namespace: String,
+    pod: String,
+    container: String,
 }
 
 /// Labels of `http_server_request_duration_seconds`: the status as OpenTelemetry names it, and
@@ -102,6 +145,25 @@ fn ttft_histogram() -> Histogram {
     Histogram::new(TTFT_BUCKETS_SECONDS)
 }
 
+fn time_per_output_token_histogram() -> Histogram {
+    Histogram::new(TIME_PER_OUTPUT_TOKEN_BUCKETS_SECONDS)
+}
+
+fn token_usage_histogram() -> Histogram {
+    Histogram::new(TOKEN_USAGE_BUCKETS)
+}
+
+type FloatCounter = Counter<f64, AtomicU64>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn vllm_labels(record: &RequestRecord) -> VllmLabels {
+    VllmLabels {
+        namespace: record.namespace.clone(),
+        workload: record.workload.clone(),
+        model_name: VLLM_MODEL.into(),
+    }
+}
+
 /// The metrics the simulator exports, as Istio's proxies and the chat app would, and its own
 /// about users.
 #[derive(Debug)]
@@ -111,6 +173,17 @@ pub struct MeshMetrics {
     durations: HistogramFamily<IstioLabels>,
     otel_durations: HistogramFamily<OtelLabels>,
     ttft: HistogramFamily<TtftLabels>,
+    genai_ttft: HistogramFamily<TtftLabels>,
+    genai_time_per_output_token: HistogramFamily<TtftLabels>,
+    genai_token_usage: HistogramFamily<TokenUsageLabels>,
+    vllm_ttft: HistogramFamily<VllmLabels>,
+    vllm_inter_token_latency: HistogramFamily<VllmLabels>,
+    vllm_generation_tokens: Family<VllmLabels, FloatCounter>,
+    vllm_request_success: Family<VllmLabels, Counter>,
+    memory: Family<ContainerLabels, FloatGauge>,
+    cpu: Family<ContainerLabels, FloatCounter>,
+    /// The containers whose cAdvisor series are exported: those of the pods that exist.
+    containers: Mutex<BTreeSet<ContainerLabels>>,
     user_requests: Family<UserRequestLabels, Counter>,
     version_changes: Family<VersionChangeLabels, Counter>,
 }
@@ -136,6 +209,25 @@ impl MeshMetrics {
         let ttft = HistogramFamily::<TtftLabels>::new_with_constructor(
             ttft_histogram as fn() -> Histogram,
         );
+        let genai_ttft = HistogramFamily::<TtftLabels>::new_with_constructor(
+            ttft_histogram as fn() -> Histogram,
+        );
+        let genai_time_per_output_token = HistogramFamily::<TtftLabels>::new_with_constructor(
+            time_per_output_token_histogram as fn() -> Histogram,
+        );
+        let genai_token_usage = HistogramFamily::<TokenUsageLabels>::new_with_constructor(
+            token_usage_histogram as fn() -> Histogram,
+        );
+        let vllm_ttft = HistogramFamily::<VllmLabels>::new_with_constructor(
+            ttft_histogram as fn() -> Histogram,
+        );
+        let vllm_inter_token_latency = HistogramFamily::<VllmLabels>::new_with_constructor(
+            time_per_output_token_histogram as fn() -> Histogram,
+        );
+        let vllm_generation_tokens = Family::<VllmLabels, FloatCounter>::default();
+        let vllm_request_success = Family::<VllmLabels, Counter>::default();
+        let memory = Family::<ContainerLabels, FloatGauge>::default();
+        let cpu = Family::<ContainerLabels, FloatCounter>::default();
         let user_requests = Family::<UserRequestLabels, Counter>::default();
         let version_changes = Family::<VersionChangeLabels, Counter>::default();
         let mut registry = Registry::default();
@@ -162,6 +254,54 @@ impl MeshMetrics {
             ttft.clone(),
         );
         registry.register(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Time to generate the first token of successful responses, in seconds \
+             (OpenTelemetry GenAI gen_ai.server.time_to_first_token)",
+            genai_ttft.clone(),
+        );
+        registry.register(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Time per output token after the first of successful responses, in seconds \
+             (OpenTelemetry GenAI gen_ai.server.time_per_output_token)",
+            genai_time_per_output_token.clone(),
+        );
+        registry.register(
+            "gen_ai_client_token_usage",
+            "Tokens used per operation, by gen_ai_token_type (OpenTelemetry GenAI \
+             gen_ai.client.token.usage); only output tokens are simulated",
+            genai_token_usage.clone(),
+        );
+        registry.register(
+            "vllm:time_to_first_token_seconds",
+            "Time to first token in seconds, as vLLM exports it",
+            vllm_ttft.clone(),
+        );
+        registry.register(
+            "vllm:inter_token_latency_seconds",
+            "Time between output tokens in seconds, as vLLM's V1 engine exports it",
+            vllm_inter_token_latency.clone(),
+        );
+        registry.register(
+            "vllm:generation_tokens",
+            "Output tokens generated, as vLLM counts them",
+            vllm_generation_tokens.clone(),
+        );
+        registry.register(
+            "vllm:request_success",
+            "Requests finished, as vLLM counts them",
+            vllm_request_success.clone(),
+        );
+        registry.register(
+            "container_memory_working_set_bytes",
+            "Working set of a container in bytes, as the kubelet's cAdvisor reports it",
+            memory.clone(),
+        );
+        registry.register(
+            "container_cpu_usage_seconds",
+            "CPU time a container used in seconds, as the kubelet's cAdvisor reports it",
+            cpu.clone(),
+        );
+        registry.register(
             "meshsim_user_requests",
             "Synthetic requests through a route object (route, route_kind) by kind of user \
              (tester or regular) and the workload that served them (\"\" when unrouted)",
@@ -180,6 +320,16 @@ impl MeshMetrics {
             durations,
             otel_durations,
             ttft,
+            genai_ttft,
+            genai_time_per_output_token,
+            genai_token_usage,
+            vllm_ttft,
+            vllm_inter_token_latency,
+            vllm_generation_tokens,
+            vllm_request_success,
+            memory,
+            cpu,
+            containers: Mutex::new(BTreeSet::new()),
             user_requests,
             version_changes,
         }
@@ -214,7 +364,84 @@ impl MeshMetrics {
                 workload: record.workload.clone(),
             };
             self.ttft.get_or_create(&labels).observe(ttft);
+            self.genai_ttft.get_or_create(&labels).observe(ttft);
+            self.vllm_ttft
+                .get_or_create(&vllm_labels(record))
+                .observe(ttft);
         }
+        if let (Some(per_token), Some(tokens)) =
+            (record.time_per_output_token_seconds, record.output_tokens)
+        {
+            let labels = TtftLabels {
+                namespace: record.namespace.clone(),
+                workload: record.workload.clone(),
+            };
+            self.genai_time_per_output_token
+                .get_or_create(&labels)
+                .observe(per_token);
+            self.genai_token_usage
+                .get_or_create(&TokenUsageLabels {
+                    namespace: record.namespace.clone(),
+                    workload: record.workload.clone(),
+                    gen_ai_token_type: "output".into(),
+                })
+                .observe(tokens);
+            let vllm = vllm_labels(record);
+            self.vllm_inter_token_latency
+                .get_or_create(&vllm)
+                .observe(per_token);
+            self.vllm_generation_tokens
+                .get_or_create(&vllm)
+                .inc_by(tokens);
+            self.vllm_request_success.get_or_create(&vllm).inc();
+        }
+        if let Some(pod) = &record.pod {
+            let labels = ContainerLabels {
+                namespace: record.namespace.clone(),
+                pod: pod.clone(),
+                container: self.container_of(&record.namespace, pod),
+            };
+            self.cpu.get_or_create(&labels).inc_by(record.cpu_seconds);
+        }
+    }
+
+    /// The container of a pod whose series are exported, or `app` for one not seen yet.
+    fn container_of(&self, namespace: &str, pod: &str) -> String {
+        let containers = self.containers.lock().unwrap_or_else(|p| p.into_inner());
+        containers
+            .iter()
+            .find(|c| c.namespace == namespace && c.pod == pod)
+            .map(|c| c.container.clone())
+            .unwrap_or_else(|| "app".into())
+    }
+
+    /// The kubelet's view of `pods` at `now`: each pod's memory working set, grown from
+    /// [`BASE_MEMORY_BYTES`] at its start by its `SIM_MEMORY_GROWTH_BYTES_PER_MIN`; the series
+    /// of pods that are gone are dropped, as cAdvisor drops them.
+    pub fn record_pods(&self, pods: &[SimPod], now: jiff::Timestamp) {
+        let mut current = BTreeSet::new();
+        for pod in pods {
+            let labels = ContainerLabels {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                container: pod.container.clone(),
+            };
+            let minutes = pod
+                .started
+                .map(|started| (now.as_millisecond() - started.as_millisecond()) as f64 / 60_000.0)
+                .unwrap_or(0.0)
+                .max(0.0);
+            self.memory
+                .get_or_create(&labels)
+                .set(BASE_MEMORY_BYTES + pod.behaviour.memory_growth_bytes_per_min * minutes);
+            current.insert(labels);
+        }
+        let mut containers = self.containers.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in containers.difference(&current) {
+            self.memory.remove(gone);
+            self.cpu.remove(gone);
+        }
+        *containers = current;
     }
 
     /// Counts one request by its user, and the user's change of workload if it made one.
@@ -267,6 +494,10 @@ mod tests {
             response_code: 200,
             duration_ms: 180.0,
             ttft_seconds: Some(0.3),
+            pod: Some("lobe-chat-canary-5d8f9c7b6-c".into()),
+            time_per_output_token_seconds: Some(0.04),
+            output_tokens: Some(320.0),
+            cpu_seconds: 0.01,
         });
         let text = metrics.encode().unwrap();
         let labels = r#"reporter="destination",destination_workload="lobe-chat-canary",destination_workload_namespace="chat",destination_service="lobe-chat.chat.svc.cluster.local",response_code="200""#;
@@ -302,6 +533,10 @@ mod tests {
             response_code: 503,
             duration_ms: 180.0,
             ttft_seconds: None,
+            pod: Some("lobe-chat-canary-5d8f9c7b6-c".into()),
+            time_per_output_token_seconds: None,
+            output_tokens: None,
+            cpu_seconds: 0.01,
         });
         let text = metrics.encode().unwrap();
         let waypoint = r#"reporter="waypoint",destination_workload="lobe-chat-canary",destination_workload_namespace="chat",destination_service="lobe-chat.chat.svc.cluster.local",response_code="503""#;
@@ -393,5 +628,110 @@ mod tests {
             3
         );
         assert!(!text.contains("virtual_service="), "{text}");
+    }
+
+    fn answered(tokens: f64, per_token: f64, cpu: f64) -> RequestRecord {
+        RequestRecord {
+            workload: "lobe-chat-canary".into(),
+            namespace: "chat".into(),
+            service: "lobe-chat.chat.svc.cluster.local".into(),
+            response_code: 200,
+            duration_ms: 180.0,
+            ttft_seconds: Some(0.3),
+            pod: Some("lobe-chat-canary-5d8f9c7b6-c".into()),
+            time_per_output_token_seconds: Some(per_token),
+            output_tokens: Some(tokens),
+            cpu_seconds: cpu,
+        }
+    }
+
+    fn has_line(text: &str, line: &str) {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in\n{text}"
+        );
+    }
+
+    #[test]
+    fn the_built_in_checks_series_carry_the_labels_their_queries_select() {
+        let metrics = MeshMetrics::new();
+        let pods = [crate::fixtures::pod(
+            "lobe-chat-canary-5d8f9c7b6-c",
+            "canary",
+            true,
+            &[],
+        )];
+        let sim: Vec<SimPod> = pods.iter().map(|p| SimPod::of_pod(p).0).collect();
+        metrics.record_pods(&sim, jiff::Timestamp::UNIX_EPOCH);
+        metrics.record(&answered(320.0, 0.04, 0.01));
+        metrics.record(&answered(480.0, 0.04, 0.01));
+        let text = metrics.encode().unwrap();
+        let app = r#"namespace="chat",workload="lobe-chat-canary""#;
+        let vllm = format!(r#"{app},model_name="{VLLM_MODEL}""#);
+        let container = r#"namespace="chat",pod="lobe-chat-canary-5d8f9c7b6-c",container="app""#;
+        for line in [
+            format!(r#"gen_ai_server_time_to_first_token_seconds_bucket{{le="0.5",{app}}} 2"#),
+            format!(r#"gen_ai_server_time_per_output_token_seconds_bucket{{le="0.05",{app}}} 2"#),
+            format!(r#"gen_ai_client_token_usage_sum{{{app},gen_ai_token_type="output"}} 800.0"#),
+            format!(r#"gen_ai_client_token_usage_count{{{app},gen_ai_token_type="output"}} 2"#),
+            format!(r#"vllm:time_to_first_token_seconds_bucket{{le="0.5",{vllm}}} 2"#),
+            format!(r#"vllm:inter_token_latency_seconds_bucket{{le="0.05",{vllm}}} 2"#),
+            format!(r#"vllm:generation_tokens_total{{{vllm}}} 800.0"#),
+            format!(r#"vllm:request_success_total{{{vllm}}} 2"#),
+            format!(r#"container_cpu_usage_seconds_total{{{container}}} 0.02"#),
+        ] {
+            has_line(&text, &line);
+        }
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!(
+                "container_memory_working_set_bytes{{{container}}} "
+            ))),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn memory_grows_from_each_pods_start_at_its_env_rate_and_gone_pods_are_dropped() {
+        let metrics = MeshMetrics::new();
+        let mut leaky = crate::fixtures::pod(
+            "lobe-chat-canary-5d8f9c7b6-c",
+            "canary",
+            true,
+            &[(crate::pods::ENV_MEMORY_GROWTH_BYTES_PER_MIN, "10485760")],
+        );
+        let started: jiff::Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        leaky.metadata.creation_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(started),
+        );
+        let steady = crate::fixtures::pod("lobe-chat-stable-5d8f9c7b6-a", "stable", true, &[]);
+        let pods: Vec<SimPod> = [&leaky, &steady]
+            .iter()
+            .map(|p| SimPod::of_pod(p).0)
+            .collect();
+        let three_minutes_on = started + jiff::SignedDuration::from_secs(180);
+        metrics.record_pods(&pods, three_minutes_on);
+        let text = metrics.encode().unwrap();
+        let value = |pod: &str| -> f64 {
+            let prefix = format!(
+                r#"container_memory_working_set_bytes{{namespace="chat",pod="{pod}",container="app"}} "#
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no memory of {pod} in\n{text}"))
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            value("lobe-chat-canary-5d8f9c7b6-c"),
+            BASE_MEMORY_BYTES + 3.0 * 10485760.0
+        );
+        assert_eq!(value("lobe-chat-stable-5d8f9c7b6-a"), BASE_MEMORY_BYTES);
+
+        metrics.record_pods(&pods[1..], three_minutes_on);
+        let text = metrics.encode().unwrap();
+        assert!(
+            !text.contains("lobe-chat-canary-5d8f9c7b6-c"),
+            "a deleted pod's series stay: {text}"
+        );
     }
 }

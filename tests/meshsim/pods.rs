@@ -14,6 +14,17 @@ pub const ENV_PROVIDER_ERROR_RATE: &str = "SIM_PROVIDER_ERROR_RATE";
 pub const ENV_LATENCY_MS: &str = "SIM_LATENCY_MS";
 /// Median time to first token of a pod, in seconds.
 pub const ENV_TTFT_SECONDS: &str = "SIM_TTFT_SECONDS";
+/// Median time between output tokens after the first, in seconds.
+pub const ENV_TIME_PER_OUTPUT_TOKEN_SECONDS: &str = "SIM_TIME_PER_OUTPUT_TOKEN_SECONDS";
+/// Median output tokens of an answer.
+pub const ENV_OUTPUT_TOKENS: &str = "SIM_OUTPUT_TOKENS";
+/// Growth of each pod's memory working set, in bytes per minute since the pod started.
+pub const ENV_MEMORY_GROWTH_BYTES_PER_MIN: &str = "SIM_MEMORY_GROWTH_BYTES_PER_MIN";
+/// CPU seconds a pod spends on each request it answers.
+pub const ENV_CPU_SECONDS_PER_REQUEST: &str = "SIM_CPU_SECONDS_PER_REQUEST";
+
+/// A pod's memory working set when it starts, in bytes.
+pub const BASE_MEMORY_BYTES: f64 = 200.0 * 1024.0 * 1024.0;
 
 /// The label value Istio writes when it does not know a value.
 pub const UNKNOWN: &str = "unknown";
@@ -29,6 +40,14 @@ pub struct Behaviour {
     pub latency_ms: f64,
     /// Median time to first token in seconds.
     pub ttft_seconds: f64,
+    /// Median time per output token after the first, in seconds.
+    pub time_per_output_token_seconds: f64,
+    /// Median output tokens of an answer.
+    pub output_tokens: f64,
+    /// Memory working set growth in bytes per minute.
+    pub memory_growth_bytes_per_min: f64,
+    /// CPU seconds per request answered.
+    pub cpu_seconds_per_request: f64,
 }
 
 impl Default for Behaviour {
@@ -38,6 +57,10 @@ impl Default for Behaviour {
             provider_error_rate: 0.0,
             latency_ms: 200.0,
             ttft_seconds: 0.4,
+            time_per_output_token_seconds: 0.02,
+            output_tokens: 300.0,
+            memory_growth_bytes_per_min: 0.0,
+            cpu_seconds_per_request: 0.01,
         }
     }
 }
@@ -59,6 +82,14 @@ impl Behaviour {
                 ENV_PROVIDER_ERROR_RATE => (&mut behaviour.provider_error_rate, true),
                 ENV_LATENCY_MS => (&mut behaviour.latency_ms, false),
                 ENV_TTFT_SECONDS => (&mut behaviour.ttft_seconds, false),
+                ENV_TIME_PER_OUTPUT_TOKEN_SECONDS => {
+                    (&mut behaviour.time_per_output_token_seconds, false)
+                }
+                ENV_OUTPUT_TOKENS => (&mut behaviour.output_tokens, false),
+                ENV_MEMORY_GROWTH_BYTES_PER_MIN => {
+                    (&mut behaviour.memory_growth_bytes_per_min, false)
+                }
+                ENV_CPU_SECONDS_PER_REQUEST => (&mut behaviour.cpu_seconds_per_request, false),
                 _ => continue,
             };
             let Some(text) = var.value.as_deref() else {
@@ -139,6 +170,10 @@ pub struct SimPod {
     pub ready: bool,
     /// Istio's `destination_workload`.
     pub workload: String,
+    /// The first container's name, cAdvisor's `container` label.
+    pub container: String,
+    /// When the pod started (its status's startTime, else its creation); its memory grows from then.
+    pub started: Option<jiff::Timestamp>,
     pub behaviour: Behaviour,
 }
 
@@ -152,6 +187,18 @@ impl SimPod {
             labels: pod.labels().clone(),
             ready: is_ready(pod),
             workload: workload_name(pod),
+            container: pod
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.containers.first())
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+            started: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.start_time.as_ref())
+                .or(pod.metadata.creation_timestamp.as_ref())
+                .map(|t| t.0),
             behaviour,
         };
         (sim, problems)

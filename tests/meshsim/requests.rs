@@ -28,6 +28,13 @@ pub struct RequestRecord {
     pub duration_ms: f64,
     /// Only successful chats stream a first token.
     pub ttft_seconds: Option<f64>,
+    /// The pod that answered; `None` for Envoy's own reply.
+    pub pod: Option<String>,
+    /// Of a successful chat: time per output token after the first, and output tokens.
+    pub time_per_output_token_seconds: Option<f64>,
+    pub output_tokens: Option<f64>,
+    /// CPU seconds the pod spent on the request.
+    pub cpu_seconds: f64,
 }
 
 /// A lognormal sample with the given median: `median * exp(sigma * z)`, z standard normal.
@@ -61,6 +68,10 @@ pub fn answer<R: Rng + ?Sized>(
             response_code: 503,
             duration_ms: jittered(LOCAL_REPLY_MEDIAN_MS, rng),
             ttft_seconds: None,
+            pod: None,
+            time_per_output_token_seconds: None,
+            output_tokens: None,
+            cpu_seconds: 0.0,
         };
     }
     let pod = ready[rng.random_range(0..ready.len())];
@@ -76,13 +87,24 @@ pub fn answer<R: Rng + ?Sized>(
         200
     };
     let ttft_seconds = (response_code == 200).then(|| jittered(b.ttft_seconds, rng));
+    let duration_ms = jittered(b.latency_ms, rng);
+    // Drawn after the draws above, so those stay what they were before these existed.
+    let streamed = (response_code == 200).then(|| {
+        let per_token = jittered(b.time_per_output_token_seconds, rng);
+        let tokens = jittered(b.output_tokens, rng).round().max(1.0);
+        (per_token, tokens)
+    });
     RequestRecord {
         workload: pod.workload.clone(),
         namespace: pod.namespace.clone(),
         service: service.to_string(),
         response_code,
-        duration_ms: jittered(b.latency_ms, rng),
+        duration_ms,
         ttft_seconds,
+        pod: Some(pod.name.clone()),
+        time_per_output_token_seconds: streamed.map(|(per_token, _)| per_token),
+        output_tokens: streamed.map(|(_, tokens)| tokens),
+        cpu_seconds: b.cpu_seconds_per_request,
     }
 }
 
@@ -233,7 +255,10 @@ mod tests {
     use crate::fixtures::{
         ROUTERS, healthy_pods, no_testers, plain_release, pod, rng, routes, state,
     };
-    use crate::pods::{ENV_ERROR_RATE, ENV_LATENCY_MS, ENV_PROVIDER_ERROR_RATE, ENV_TTFT_SECONDS};
+    use crate::pods::{
+        ENV_CPU_SECONDS_PER_REQUEST, ENV_ERROR_RATE, ENV_LATENCY_MS, ENV_OUTPUT_TOKENS,
+        ENV_PROVIDER_ERROR_RATE, ENV_TIME_PER_OUTPUT_TOKEN_SECONDS, ENV_TTFT_SECONDS,
+    };
     use crate::traffic::Simulator;
 
     /// A subset (Istio) or track Service (Gateway API) whose pods are all unready or terminating.
@@ -373,5 +398,55 @@ mod tests {
             .map(|r| r.duration_ms)
             .fold(0.0, f64::max);
         assert!(max > 2500.0 && max < 8000.0, "jitter reaches {max}");
+    }
+
+    #[test]
+    fn answers_stream_as_many_tokens_as_fast_and_cost_the_cpu_the_pod_env_says() {
+        let pods = vec![pod(
+            "lobe-chat-canary-5d8f9c7b6-a",
+            "canary",
+            true,
+            &[
+                (ENV_OUTPUT_TOKENS, "450"),
+                (ENV_TIME_PER_OUTPUT_TOKEN_SECONDS, "0.05"),
+                (ENV_CPU_SECONDS_PER_REQUEST, "0.25"),
+                (ENV_ERROR_RATE, "0.1"),
+            ],
+        )];
+        let mesh = state(&plain_release(), &routes(100, true), &pods);
+        let report = Simulator::new(no_testers()).tick(&mesh, 10_001, &mut rng());
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let answered: Vec<&super::RequestRecord> = report
+            .records
+            .iter()
+            .filter(|r| r.response_code == 200)
+            .collect();
+        let tokens = median(answered.iter().filter_map(|r| r.output_tokens).collect());
+        let per_token = median(
+            answered
+                .iter()
+                .filter_map(|r| r.time_per_output_token_seconds)
+                .collect(),
+        );
+        assert!(
+            (tokens / 450.0 - 1.0).abs() < 0.03,
+            "median tokens {tokens}"
+        );
+        assert!(
+            (per_token / 0.05 - 1.0).abs() < 0.03,
+            "median time per token {per_token}"
+        );
+        for r in &report.records {
+            assert_eq!(r.pod.as_deref(), Some("lobe-chat-canary-5d8f9c7b6-a"));
+            assert_eq!(r.cpu_seconds, 0.25, "every answer costs CPU, errors too");
+            assert_eq!(
+                r.output_tokens.is_some(),
+                r.response_code == 200,
+                "only answered chats stream tokens"
+            );
+        }
     }
 }

@@ -60,6 +60,7 @@ pub async fn drive_traffic<F, R>(
         let replaced = simulator.churn(now - last, rng);
         last = now;
         let state = snapshot();
+        metrics.record_pods(&state.pods, jiff::Timestamp::now());
         let report = simulator.tick(&state, requests, rng);
         for record in &report.records {
             metrics.record(record);
