@@ -47,6 +47,16 @@ pub struct Step {
     pub revision: String,
 }
 
+impl Step {
+    /// The step status says a canary is in, if it is in one.
+    pub fn of(status: &crate::crd::ChatReleaseStatus) -> Option<Self> {
+        Some(Self {
+            started: status.step_started_at.as_ref()?.0,
+            revision: status.canary_revision.clone()?,
+        })
+    }
+}
+
 /// What the watch needs of one ChatRelease's spec, parsed once per generation.
 #[derive(Debug, Clone)]
 struct Watched {
@@ -67,6 +77,8 @@ struct State {
     settings: HashMap<ObjectRef<ChatRelease>, (Option<i64>, Option<Watched>)>,
     counts: HashMap<ObjectRef<ChatRelease>, StepCounts>,
     looked: HashMap<Group, Timestamp>,
+    /// Canaries woken because their counts say stop, until their reconcile has looked.
+    woken: std::collections::HashSet<ObjectRef<ChatRelease>>,
 }
 
 /// One canary under watch in this round.
@@ -115,9 +127,18 @@ impl CanaryWatch {
         }
     }
 
+    /// Whether a reconcile should look at this canary itself: its counts say stop, or the watch
+    /// has none for this step yet (a new step, or a restarted operator). Otherwise the watch
+    /// looks for it, and a reconcile for another reason (a Deployment changed) adds nothing.
+    pub fn wants_a_close_look(&self, key: &ObjectRef<ChatRelease>, step: &Step) -> bool {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.woken.contains(key) || state.counts.get(key).is_none_or(|c| &c.step != step)
+    }
+
     /// The exact counts since `step` began, from a reconcile's own look at one canary.
     pub fn seed(&self, key: ObjectRef<ChatRelease>, step: Step, canary: Counts, stable: Counts) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.woken.remove(&key);
         state.counts.insert(
             key,
             StepCounts {
@@ -211,6 +232,7 @@ impl CanaryWatch {
         let watching: std::collections::HashSet<&ObjectRef<ChatRelease>> =
             groups.values().flatten().map(|m| &m.key).collect();
         state.counts.retain(|key, _| watching.contains(key));
+        state.woken.retain(|key| watching.contains(key));
         state.looked.retain(|group, _| groups.contains_key(group));
 
         let mut due = Vec::new();
@@ -293,6 +315,7 @@ impl CanaryWatch {
             let evidence = sequential::error_evidence(counts.canary, counts.stable, &member.judge);
             if evidence.stop {
                 info!(chatrelease = %member.name, namespace = %member.namespace, evidence = %evidence.describe(), "sequential watch: counts say stop; reconciling to confirm");
+                state.woken.insert(member.key.clone());
                 wake.push(member.key.clone());
             }
         }
@@ -306,10 +329,7 @@ fn watched_step(release: &ChatRelease) -> Option<Step> {
     if !rollout::canary_watchable(status) {
         return None;
     }
-    Some(Step {
-        started: status.step_started_at.as_ref()?.0,
-        revision: status.canary_revision.clone()?,
-    })
+    Step::of(status)
 }
 
 fn sum(a: Counts, b: Counts) -> Counts {
@@ -532,6 +552,31 @@ mod tests {
             },
         );
         assert_eq!(names(&watch.look_once(&[release], at(10)).await), ["chat"]);
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_looks_itself_only_at_a_step_the_watch_has_not_counted_or_when_woken() {
+        let bulk = Arc::new(Bulk::default());
+        bulk.set("chat", (30.0, 0.0), (570.0, 0.0));
+        let watch = watch(&bulk);
+        let release = canary("chat");
+        let key = ObjectRef::from_obj(release.as_ref());
+        let step = Step::of(release.status.as_ref().unwrap()).unwrap();
+        assert!(watch.wants_a_close_look(&key, &step), "nothing counted yet");
+        watch.look_once(std::slice::from_ref(&release), at(10)).await;
+        assert!(!watch.wants_a_close_look(&key, &step), "the watch counts it");
+        let next_step = Step {
+            started: at(15),
+            ..step.clone()
+        };
+        assert!(watch.wants_a_close_look(&key, &next_step), "a step not counted yet");
+
+        bulk.set("chat", (100.0, 50.0), (570.0, 0.0));
+        let woken = watch.look_once(std::slice::from_ref(&release), at(20)).await;
+        assert_eq!(names(&woken), ["chat"]);
+        assert!(watch.wants_a_close_look(&key, &step), "woken: it must look");
+        watch.seed(key.clone(), step.clone(), Counts::default(), Counts::default());
+        assert!(!watch.wants_a_close_look(&key, &step), "it looked");
     }
 
     #[tokio::test]

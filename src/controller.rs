@@ -19,7 +19,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -66,9 +66,49 @@ pub struct Context {
     watched: std::sync::Mutex<std::collections::HashMap<ObjectRef<ChatRelease>, Timestamp>>,
     /// The bulk sequential watch `run` starts, which each reconcile's own look seeds.
     canary_watch: Option<Arc<CanaryWatch>>,
+    /// The resourceVersion our last write of each ChatRelease produced: a cached copy at it is
+    /// current, and needs no GET.
+    status_written: std::sync::Mutex<std::collections::HashMap<ObjectRef<ChatRelease>, String>>,
 }
 
 impl Context {
+    fn cache_shows_our_last_write(
+        &self,
+        key: &ObjectRef<ChatRelease>,
+        cached: &ChatRelease,
+    ) -> bool {
+        let written = self
+            .status_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        cached
+            .metadata
+            .resource_version
+            .as_ref()
+            .is_some_and(|rv| written.get(key) == Some(rv))
+    }
+
+    /// Whether this reconcile should run the sequential test's look itself: always without the
+    /// bulk watch, and with it when the watch asks for it.
+    fn wants_a_close_look(&self, release: &ChatRelease, status: &ChatReleaseStatus) -> bool {
+        let Some(watch) = &self.canary_watch else {
+            return true;
+        };
+        canary_watch::Step::of(status)
+            .is_some_and(|step| watch.wants_a_close_look(&ObjectRef::from_obj(release), &step))
+    }
+
+    fn wrote(&self, release: &ChatRelease, now: &ChatRelease) {
+        let mut written = self
+            .status_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match now.metadata.resource_version.clone() {
+            Some(rv) => written.insert(ObjectRef::from_obj(release), rv),
+            None => written.remove(&ObjectRef::from_obj(release)),
+        };
+    }
+
     /// Whether `watch_every` has passed since the last look at `release`; if so, this is one.
     fn watch_paced(
         &self,
@@ -121,6 +161,7 @@ impl Context {
             written: Default::default(),
             watched: Default::default(),
             canary_watch: None,
+            status_written: Default::default(),
         }
     }
 }
@@ -150,7 +191,13 @@ pub async fn run(
         .modify(keep_what_the_watch_reads),
     )
     .default_backoff()
-    .applied_objects();
+    .applied_objects()
+    // Our own status writes change neither: they need no reconcile of their own (the decision
+    // says when to look again). The spec and the annotations (commands) do.
+    .predicate_filter(
+        predicates::generation.combine(predicates::annotations),
+        Default::default(),
+    );
     let owned = watcher::Config::default().labels(&format!(
         "{}={MANAGER}",
         crate::annotations::LABEL_MANAGED_BY
@@ -357,14 +404,20 @@ async fn reconcile_inner(
     })?;
     let name = cached.name_any();
     // The watch cache can lag behind our own last status write; deciding from it could move the
-    // weight backwards. One GET per reconcile reads what we last wrote.
-    let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
-    let Some(fresh) = api
-        .get_opt(&name)
-        .await
-        .map_err(|e| Error::kube("read", "ChatRelease", &namespace, &name, e))?
-    else {
-        return Ok((Action::await_change(), None));
+    // weight backwards. Unless the cache already shows that write, a GET reads what we wrote.
+    let key = ObjectRef::from_obj(cached);
+    let fresh = if ctx.cache_shows_our_last_write(&key, cached) {
+        cached.clone()
+    } else {
+        let api = Api::<ChatRelease>::namespaced(ctx.client.clone(), &namespace);
+        let Some(fresh) = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| Error::kube("read", "ChatRelease", &namespace, &name, e))?
+        else {
+            return Ok((Action::await_change(), None));
+        };
+        fresh
     };
     let release = &fresh;
     if release.metadata.deletion_timestamp.is_some() {
@@ -443,6 +496,7 @@ async fn reconcile_inner(
         Some(every)
             if observations.is_none()
                 && rollout::watch_due(&settings, &status, &world, now)
+                && ctx.wants_a_close_look(release, &status)
                 && ctx.watch_paced(ObjectRef::from_obj(release), now, every) =>
         {
             // Every request since the step began; the error counts are all it weighs.
@@ -524,15 +578,12 @@ fn seed_watch(
     else {
         return;
     };
-    let (Some(started), Some(revision)) = (&status.step_started_at, &status.canary_revision) else {
+    let Some(step) = canary_watch::Step::of(status) else {
         return;
     };
     watch.seed(
         ObjectRef::from_obj(release),
-        canary_watch::Step {
-            started: started.0,
-            revision: revision.clone(),
-        },
+        step,
         canary.into(),
         stable.into(),
     );
@@ -842,10 +893,12 @@ async fn write_status(
         "kind": ChatRelease::kind(&()),
         "status": next,
     }));
-    api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &patch)
+    let now = api
+        .patch_status(&name, &PatchParams::apply(MANAGER).force(), &patch)
         .await
-        .map(|_| ())
-        .map_err(|e| Error::kube("update status of", "ChatRelease", &namespace, &name, e))
+        .map_err(|e| Error::kube("update status of", "ChatRelease", &namespace, &name, e))?;
+    ctx.wrote(release, &now);
+    Ok(())
 }
 
 /// Removes one-shot annotations the decision acted on. The `test` op makes sure a value a person
@@ -889,7 +942,7 @@ async fn remove_annotations(
         })?;
     api.patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
         .await
-        .map(|_| ())
+        .map(|now| ctx.wrote(release, &now))
         .map_err(|e| {
             Error::kube(
                 "remove annotations from",

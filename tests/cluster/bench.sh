@@ -79,7 +79,7 @@ at_rest() {
   sleep "$REST_SECONDS"
   c1=$(cpu_s) a1=$(api_requests) q1=$(prometheus_queries)
   awk -v c0="$c0" -v c1="$c1" -v a0="$a0" -v a1="$a1" -v q0="$q0" -v q1="$q1" -v t="$REST_SECONDS" \
-    'BEGIN {printf "%.2f %.2f %.2f", (c1 - c0) * 60 / t, (a1 - a0) / t, (q1 - q0) / t}'
+    'BEGIN {printf "%.2f %.2f %.2f\n", (c1 - c0) * 60 / t, (a1 - a0) / t, (q1 - q0) / t}'
 }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$operator/status"; }
 mb() { awk -v kb="$1" 'BEGIN {printf "%.1f MB", kb / 1024}'; }
