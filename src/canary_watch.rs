@@ -563,19 +563,34 @@ mod tests {
         let key = ObjectRef::from_obj(release.as_ref());
         let step = Step::of(release.status.as_ref().unwrap()).unwrap();
         assert!(watch.wants_a_close_look(&key, &step), "nothing counted yet");
-        watch.look_once(std::slice::from_ref(&release), at(10)).await;
-        assert!(!watch.wants_a_close_look(&key, &step), "the watch counts it");
+        watch
+            .look_once(std::slice::from_ref(&release), at(10))
+            .await;
+        assert!(
+            !watch.wants_a_close_look(&key, &step),
+            "the watch counts it"
+        );
         let next_step = Step {
             started: at(15),
             ..step.clone()
         };
-        assert!(watch.wants_a_close_look(&key, &next_step), "a step not counted yet");
+        assert!(
+            watch.wants_a_close_look(&key, &next_step),
+            "a step not counted yet"
+        );
 
         bulk.set("chat", (100.0, 50.0), (570.0, 0.0));
-        let woken = watch.look_once(std::slice::from_ref(&release), at(20)).await;
+        let woken = watch
+            .look_once(std::slice::from_ref(&release), at(20))
+            .await;
         assert_eq!(names(&woken), ["chat"]);
         assert!(watch.wants_a_close_look(&key, &step), "woken: it must look");
-        watch.seed(key.clone(), step.clone(), Counts::default(), Counts::default());
+        watch.seed(
+            key.clone(),
+            step.clone(),
+            Counts::default(),
+            Counts::default(),
+        );
         assert!(!watch.wants_a_close_look(&key, &step), "it looked");
     }
 

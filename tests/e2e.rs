@@ -143,7 +143,7 @@ both_routers!(good_canary, LIMIT, "good-canary":
 
 async fn good_canary(t: &TestEnv, router: Router) {
     stable_at(t, &Release::version_routed(router, "v1")).await;
-    let timeline = t.timeline();
+    let timeline = t.timeline().await;
     t.apply(&Release::version_routed(router, "v2")).await;
 
     let done = t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
@@ -196,7 +196,7 @@ async fn good_canary(t: &TestEnv, router: Router) {
 /// all traffic back on stable in one write, canary pods kept for drainTimeout, then scaled to 0.
 async fn a_failing_canary_is_rolled_back(t: &TestEnv, router: Router, variable: &str) {
     stable_at(t, &Release::version_routed(router, "v1")).await;
-    let timeline = t.timeline();
+    let timeline = t.timeline().await;
     let live_view = t.watch_status(&[]);
     let live_lines = t.watch_status(&["--timeline"]);
     t.apply(&Release::version_routed(router, "v2").env(variable, "0.3"))
@@ -374,7 +374,7 @@ async fn d_a_provider_outage_on_both_tracks_holds_without_rollback_then_goes_on(
     run("provider-outage", Needs::Operator, LONG_LIMIT, async |t| {
         stable_at(t, &Release::version("v1")).await;
         t.start_provider_outage("0.3").await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         // Under a shared outage each analysis is a fair coin for the one-sided z-test at 95%: 5%
         // of them fail by chance, and failures add up across inconclusive analyses. failureLimit
         // 3 keeps a chance rollback in this test's ~5 outage analyses near 0.1% (2 would be ~2%).
@@ -439,7 +439,7 @@ both_routers!(rollback_annotation, LIMIT, "rollback-annotation":
 
 async fn rollback_annotation(t: &TestEnv, router: Router) {
     stable_at(t, &Release::version_routed(router, "v1")).await;
-    let timeline = t.timeline();
+    let timeline = t.timeline().await;
     t.apply(&Release::version_routed(router, "v2")).await;
     t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
 
@@ -483,7 +483,7 @@ both_routers!(manual_gate, LIMIT, "manual-gate":
 
 async fn manual_gate(t: &TestEnv, router: Router) {
     stable_at(t, &Release::version_routed(router, "v1")).await;
-    let timeline = t.timeline();
+    let timeline = t.timeline().await;
     t.apply(&Release::version_routed(router, "v2").manual_gates(&[50]))
         .await;
 
@@ -846,7 +846,7 @@ async fn g_invalid_chatreleases_are_rejected_by_the_api_server_naming_the_field(
 async fn h_an_operator_killed_mid_rollout_carries_on_from_status_without_going_back() {
     run("operator-restart", Needs::Operator, LIMIT, async |t| {
         stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         t.apply(&Release::version("v2")).await;
         t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
 
@@ -906,7 +906,7 @@ async fn i_prometheus_down_mid_rollout_holds_and_the_rollout_goes_on_when_it_is_
             let prometheus = t.start_own_prometheus().await;
             let v1 = Release::version("v1").prometheus(&prometheus);
             stable_at(t, &v1).await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&Release::version("v2").prometheus(&prometheus))
                 .await;
             // Weight 25 needed a passed analysis: the operator reads this test's Prometheus.
@@ -977,7 +977,7 @@ async fn a_canary_failing_a_check_is_rolled_back(
     check: &str,
 ) {
     stable_at(t, &good).await;
-    let timeline = t.timeline();
+    let timeline = t.timeline().await;
     t.apply(&bad).await;
     let rolled_back = t
         .wait_phase(Phase::RolledBack, Duration::from_secs(120))
@@ -1121,7 +1121,7 @@ async fn zb_an_otel_source_canary_is_judged_from_the_apps_histogram_and_promoted
     run("otel-source", Needs::Operator, LIMIT, async |t| {
         let release = |tag| Release::version(tag).source("otel").latency_p99("1s");
         stable_at(t, &release("v1")).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         t.apply(&release("v2")).await;
         t.wait_phase(Phase::Succeeded, TO_SUCCEEDED).await;
         t.wait_split(Split::ALL_STABLE, ONE_RECONCILE).await;
@@ -1190,7 +1190,7 @@ async fn zc_an_istio_waypoint_source_canary_answering_5xx_is_rolled_back() {
 async fn l_a_canary_whose_pods_stop_being_ready_loses_its_weight_until_they_are_back() {
     run("canary-unready", Needs::Operator, LONG_LIMIT, async |t| {
         stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         t.apply(&Release::version("v2")).await;
         t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
 
@@ -1317,7 +1317,7 @@ async fn m_a_virtualservice_or_deployment_edited_by_hand_is_put_back() {
 async fn n_too_few_requests_hold_then_pause_at_the_progress_deadline_with_the_weight_kept() {
     run("too-few-requests", Needs::Operator, LONG_LIMIT, async |t| {
         stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         // 5% of the simulator's 100 requests a second never reaches 100,000 in a window.
         t.apply(&Release::version("v2").min_requests(100_000)).await;
         t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
@@ -1365,7 +1365,7 @@ async fn n_too_few_requests_hold_then_pause_at_the_progress_deadline_with_the_we
 async fn o_canary_pods_never_ready_roll_back_at_the_progress_deadline_without_traffic() {
     run("never-ready", Needs::Operator, LONG_LIMIT, async |t| {
         stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         let applied = Instant::now();
         t.apply(&Release::version("v2").unschedulable()).await;
         let rolled_back = t
@@ -1422,7 +1422,7 @@ async fn p_a_spec_only_the_operator_refuses_is_failed_with_traffic_untouched() {
         }
         assert!(listed.contains("lobehub/lobe-chat:v1"), "{listed}");
 
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         // The CRD admits it: a well-formed, unique name. Only the operator knows latency-p99 is
         // a built-in check's.
         let taken = Release::version("v2").metric("latency-p99", "vector(1)", 1.0);
@@ -1472,7 +1472,7 @@ async fn p_a_spec_only_the_operator_refuses_is_failed_with_traffic_untouched() {
 async fn q_pause_holds_the_weight_without_analysis_and_resume_goes_on() {
     run("pause-resume", Needs::Operator, LONG_LIMIT, async |t| {
         stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         t.apply(&Release::version("v2")).await;
         t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
         let paused = t.kubectl_chatrelease(&["pause", NAME]).await;
@@ -1564,7 +1564,7 @@ async fn s_an_operator_killed_at_a_gate_or_mid_drain_neither_moves_traffic_nor_c
         LONG_LIMIT,
         async |t| {
             stable_at(t, &Release::version("v1")).await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&Release::version("v2").manual_gates(&[50])).await;
             t.wait_for("waiting at the gate before 50%", TO_25 + INTERVAL, |r| {
                 phase(r) == Some(Phase::Paused) && weight(r) == 25
@@ -1641,7 +1641,7 @@ async fn t_latency_both_tracks_share_holds_without_rollback() {
                 .env("SIM_LATENCY_MS", "2500")
         };
         stable_at(t, &slow("v1")).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         t.apply(&slow("v2")).await;
         t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
         let shared = || {
@@ -1690,7 +1690,7 @@ async fn u_a_new_template_mid_canary_withdraws_the_old_one_then_rolls_out_after_
         LONG_LIMIT,
         async |t| {
             stable_at(t, &Release::version("v1")).await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&Release::version("v2")).await;
             t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
 
@@ -1736,7 +1736,7 @@ async fn v_the_template_set_back_to_stables_withdraws_the_canary_and_retry_resta
         LONG_LIMIT,
         async |t| {
             stable_at(t, &Release::version("v1")).await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&Release::version("v2")).await;
             t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
 
@@ -1789,7 +1789,7 @@ async fn w_prometheus_back_without_its_data_never_judges_a_tracks_lifetime() {
         async |t| {
             let prometheus = t.start_own_prometheus().await;
             stable_at(t, &Release::version("v1").prometheus(&prometheus)).await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&Release::version("v2").prometheus(&prometheus))
                 .await;
             t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
@@ -1819,7 +1819,7 @@ async fn x_an_operator_killed_while_promoting_keeps_traffic_on_the_canary_and_fi
         LONG_LIMIT,
         async |t| {
             stable_at(t, &Release::version("v1")).await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&Release::version("v2")).await;
             t.wait_for("weight 50", TO_SUCCEEDED, |r| weight(r) == 50)
                 .await;
@@ -1909,7 +1909,7 @@ async fn y_an_api_server_restarted_mid_rollout_holds_the_weight_then_the_rollout
             t.start_own_api_server().await;
             t.start_operator();
             stable_at(t, &Release::version("v1")).await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&Release::version("v2")).await;
             t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
 
@@ -1989,7 +1989,7 @@ both_routers!(testers_and_sticky_users, LONG_LIMIT, "testers-and-sticky":
 async fn testers_and_sticky_users(t: &TestEnv, router: Router) {
     let version = |tag: &str| Release::version_routed(router, tag).testers_and_sticky_users();
     stable_at(t, &version("v1")).await;
-    let timeline = t.timeline();
+    let timeline = t.timeline().await;
     t.apply(&version("v2")).await;
     t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
 
@@ -2111,7 +2111,7 @@ async fn testers_and_sticky_users(t: &TestEnv, router: Router) {
 async fn za_a_scrape_gap_mid_rollout_never_counts_a_tracks_lifetime() {
     run("scrape-gap", Needs::Operator, LONG_LIMIT, async |t| {
         stable_at(t, &Release::version("v1")).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         t.apply(&Release::version("v2")).await;
         t.wait_for("weight 25", TO_25, |r| weight(r) == 25).await;
         // Long enough that both tracks' counters hold far more than one window's requests.
@@ -2169,7 +2169,7 @@ async fn gw_s_the_router_switches_only_while_stable_and_removes_the_old_routes_a
         );
 
         // A canary through the HTTPRoute; asking for Istio under it is refused, traffic stays.
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         t.apply(&gateway("v2")).await;
         t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
         t.apply(&istio("v2")).await;
@@ -2220,7 +2220,7 @@ async fn zd_under_a_one_minute_interval_a_canary_failing_half_its_requests_is_st
     run("sequential-stop", Needs::Operator, LIMIT, async |t| {
         let minute = Duration::from_secs(60);
         stable_at(t, &Release::version("v1").interval(minute)).await;
-        let timeline = t.timeline();
+        let timeline = t.timeline().await;
         t.apply(
             &Release::version("v2")
                 .interval(minute)
@@ -2266,7 +2266,7 @@ async fn ze_under_a_one_minute_interval_a_healthy_canary_is_watched_and_promoted
             let minute = Duration::from_secs(60);
             let healthy = |tag: &str| Release::version(tag).interval(minute).steps(&[50, 100]);
             stable_at(t, &healthy("v1")).await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&healthy("v2")).await;
             // Each step waits its whole interval; the looks every 10s in between stop nothing.
             t.wait_phase(Phase::Succeeded, 3 * minute + Duration::from_secs(20))
@@ -2302,7 +2302,7 @@ async fn zi_under_a_one_minute_interval_an_outage_both_tracks_share_is_looked_at
             let minute = Duration::from_secs(60);
             stable_at(t, &Release::version("v1").interval(minute)).await;
             t.start_provider_outage("0.5").await;
-            let timeline = t.timeline();
+            let timeline = t.timeline().await;
             t.apply(&Release::version("v2").interval(minute)).await;
             t.wait_for("weight 5", TO_25, |r| weight(r) == 5).await;
             // Six looks of the sequential test see half of each track's requests fail, then the

@@ -1568,8 +1568,9 @@ impl TestEnv {
     }
 
     /// Starts recording every change of the VirtualService split and of the ChatRelease status.
-    pub fn timeline(&self) -> Timeline {
-        Timeline::start(self.client.clone(), &self.namespace)
+    /// A timeline whose watches have listed what is there now: everything after this is seen.
+    pub async fn timeline(&self) -> Timeline {
+        Timeline::start(self.client.clone(), &self.namespace).await
     }
 
     // ----- failure and cleanup ---------------------------------------------------------------
@@ -1751,20 +1752,26 @@ fn watch_splits<K>(
     log: Arc<Mutex<Vec<(Duration, Split)>>>,
     started: Instant,
     split_of: fn(&K) -> Option<Split>,
+    listed: Arc<tokio::sync::Semaphore>,
 ) -> JoinHandle<()>
 where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     K::DynamicType: Default,
 {
     tokio::spawn(async move {
-        let mut stream = watcher(api, config)
-            .default_backoff()
-            .applied_objects()
-            .boxed();
-        while let Some(item) = stream.next().await {
-            if let Ok(route) = item
-                && let Some(split) = split_of(&route)
-            {
+        let mut stream = watcher(api, config).default_backoff().boxed();
+        let mut first_list = true;
+        while let Some(event) = stream.next().await {
+            let route = match event {
+                Ok(watcher::Event::Apply(route) | watcher::Event::InitApply(route)) => route,
+                Ok(watcher::Event::InitDone) if first_list => {
+                    first_list = false;
+                    listed.add_permits(1);
+                    continue;
+                }
+                _ => continue,
+            };
+            if let Some(split) = split_of(&route) {
                 let mut log = log.lock().unwrap();
                 if log.last().map(|(_, s)| *s) != Some(split) {
                     log.push((started.elapsed(), split));
@@ -1775,8 +1782,10 @@ where
 }
 
 impl Timeline {
-    fn start(client: Client, namespace: &str) -> Timeline {
+    async fn start(client: Client, namespace: &str) -> Timeline {
         let started = Instant::now();
+        // One permit per watch once its first list is in: what exists now is recorded first.
+        let listed = Arc::new(tokio::sync::Semaphore::new(0));
         let splits = Arc::new(Mutex::new(Vec::<(Duration, Split)>::new()));
         let statuses = Arc::new(Mutex::new(Vec::<StatusSample>::new()));
         let by_name = watcher::Config::default().fields(&format!("metadata.name={NAME}"));
@@ -1787,6 +1796,7 @@ impl Timeline {
             splits.clone(),
             started,
             Split::of,
+            listed.clone(),
         );
         let route_task = watch_splits(
             Api::<HttpRoute>::namespaced(client.clone(), namespace),
@@ -1794,6 +1804,7 @@ impl Timeline {
             splits.clone(),
             started,
             Split::of_route,
+            listed.clone(),
         );
 
         let cr_api = Api::<ChatRelease>::namespaced(client, namespace);
@@ -1828,6 +1839,11 @@ impl Timeline {
                 }
             }
         });
+        let lists = tokio::time::timeout(Duration::from_secs(30), listed.acquire_many(2)).await;
+        assert!(
+            lists.is_ok(),
+            "the timeline's watches did not list within 30s"
+        );
         Timeline {
             splits,
             statuses,
