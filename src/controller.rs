@@ -27,6 +27,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{Instrument, debug, error, info, info_span, warn};
+use workload::TrackDeployment;
 
 /// How long to wait before retrying a reconcile that failed.
 pub const ERROR_REQUEUE: Duration = Duration::from_secs(10);
@@ -50,7 +51,7 @@ pub struct Context {
     pub client: Client,
     /// Deployments the operator owns, kept current by a reflector, without their managed fields
     /// and pod spec (see `keep_what_track_state_reads`).
-    pub deployments: Store<Deployment>,
+    pub deployments: Store<TrackDeployment>,
     pub router: Arc<Routers>,
     pub metrics: Arc<dyn MetricsSource>,
     pub recorder: Recorder,
@@ -59,7 +60,7 @@ pub struct Context {
     pub clock: Clock,
     pub observer: Option<Arc<dyn ReconcileObserver>>,
     /// The generation each of our own Deployment writes produced, until the cache has seen it.
-    written: std::sync::Mutex<std::collections::HashMap<ObjectRef<Deployment>, i64>>,
+    written: std::sync::Mutex<std::collections::HashMap<ObjectRef<TrackDeployment>, i64>>,
     /// When the sequential test last looked at each ChatRelease (`analysis.watchEvery` paces
     /// it). Memory only: a restarted operator looks again at once, and the counts since the
     /// step began carry the test on.
@@ -135,7 +136,7 @@ fn later_by_a_second(now: Timestamp) -> Timestamp {
 impl Context {
     pub fn new(
         client: Client,
-        deployments: Store<Deployment>,
+        deployments: Store<TrackDeployment>,
         router: Arc<Routers>,
         metrics: Arc<dyn MetricsSource>,
         default_prometheus: String,
@@ -170,7 +171,7 @@ impl Context {
 pub async fn run(
     client: Client,
     namespace: Option<&str>,
-    ctx_builder: impl FnOnce(Store<Deployment>) -> Context,
+    ctx_builder: impl FnOnce(Store<TrackDeployment>) -> Context,
 ) {
     fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
     where
@@ -205,7 +206,7 @@ pub async fn run(
     let (deployments, writer) = reflector::store();
     let deployment_events = reflector::reflector(
         writer,
-        watcher(api::<Deployment>(&client, namespace), owned.clone())
+        watcher(api::<TrackDeployment>(&client, namespace), owned.clone())
             .modify(keep_what_track_state_reads),
     )
     .default_backoff()
@@ -650,22 +651,14 @@ async fn reject(
     Ok((Action::requeue(decision.requeue_after), Some(decision)))
 }
 
-/// The Deployment cache keeps what [`workload::track_state`] reads: metadata, replicas, the pod
-/// template's labels and the status. Managed fields and the pod spec (often most of the object:
-/// a chat app's env, probes, resources) are dropped: in `make bench` with 100 one-container
-/// releases, 63 kB of resident memory per ChatRelease instead of 104 kB.
-/// The pod spec's [`workload::fingerprint`] stays, as an annotation, so hand edits are still seen.
-pub(crate) fn keep_what_track_state_reads(deployment: &mut Deployment) {
-    deployment.metadata.managed_fields = None;
-    let fingerprint = workload::live_fingerprint(deployment);
-    if let Some(spec) = deployment.spec.as_mut() {
-        spec.template.spec = None;
-    }
-    if let Some(fingerprint) = fingerprint {
-        deployment
-            .annotations_mut()
-            .insert(workload::CACHED_FINGERPRINT.into(), fingerprint);
-    }
+/// Of a Deployment's metadata, the cache keeps what the reflector and the owner trigger need
+/// (name, namespace, uid, resourceVersion, generation, owner references): managed fields, labels
+/// and annotations go. The rest of it is [`workload::TrackDeployment`]'s to choose.
+pub(crate) fn keep_what_track_state_reads(deployment: &mut TrackDeployment) {
+    let meta = &mut deployment.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.annotations = None;
 }
 
 /// A track's Deployment as the decision may trust it: the cache's copy, unless the cache has
@@ -678,7 +671,7 @@ async fn deployment(
     namespace: &str,
     release: &str,
     track: Track,
-) -> Result<Option<Arc<Deployment>>, Error> {
+) -> Result<Option<Arc<TrackDeployment>>, Error> {
     let key = ObjectRef::new(&track.workload_name(release)).within(namespace);
     let cached = ctx.deployments.get(&key);
     let written = ctx.written.lock().unwrap().get(&key).copied();
@@ -689,7 +682,7 @@ async fn deployment(
         return Ok(cached);
     }
     let name = track.workload_name(release);
-    let api = Api::<Deployment>::namespaced(ctx.client.clone(), namespace);
+    let api = Api::<TrackDeployment>::namespaced(ctx.client.clone(), namespace);
     let mut live = api
         .get_opt(&name)
         .await
@@ -703,16 +696,12 @@ async fn deployment(
 
 /// Whether `cached` may miss what the API server already has: our own write (`written`, the
 /// generation it produced) or the Deployment controller's report on the current spec.
-fn cache_may_be_behind(cached: Option<&Deployment>, written: Option<i64>) -> bool {
+fn cache_may_be_behind(cached: Option<&TrackDeployment>, written: Option<i64>) -> bool {
     let Some(cached) = cached else {
         return written.is_some();
     };
     let generation = cached.metadata.generation.unwrap_or_default();
-    let observed = cached
-        .status
-        .as_ref()
-        .and_then(|s| s.observed_generation)
-        .unwrap_or_default();
+    let observed = cached.status.observed_generation.unwrap_or_default();
     written.is_some_and(|w| generation < w) || observed < generation
 }
 
@@ -985,10 +974,10 @@ async fn publish(ctx: &Context, release: &ChatRelease, warning: bool, reason: &s
 #[cfg(test)]
 mod cache_tests {
     use super::cache_may_be_behind;
-    use k8s_openapi::api::apps::v1::Deployment;
+    use crate::workload::TrackDeployment;
     use serde_json::json;
 
-    fn cached(generation: i64, observed: i64) -> Deployment {
+    fn cached(generation: i64, observed: i64) -> TrackDeployment {
         serde_json::from_value(json!({
             "metadata": {"name": "chat-stable", "generation": generation},
             "status": {"observedGeneration": observed},

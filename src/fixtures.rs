@@ -114,6 +114,12 @@ pub fn deployment(release: &ChatRelease, track: Track, replicas: i32, ready: i32
     d
 }
 
+/// `deployment` read as the operator's watch reads it: from the JSON the API server sends.
+pub fn cached_deployment(deployment: &Deployment) -> crate::workload::TrackDeployment {
+    let json = serde_json::to_value(deployment).expect("a Deployment serialises");
+    serde_json::from_value(json).expect("the cache's view of a Deployment deserialises")
+}
+
 /// Metrics that always answer the same, counting how often they were asked.
 pub struct FixedMetrics {
     pub observations: Mutex<Observations>,
@@ -386,7 +392,7 @@ fn answer(uri: &str, body: &Value, stored: &Mutex<ChatRelease>) -> Value {
 pub struct Harness {
     pub ctx: Arc<Context>,
     pub server: ApiServer,
-    pub deployments: Writer<Deployment>,
+    pub deployments: Writer<crate::workload::TrackDeployment>,
     pub metrics: Arc<FixedMetrics>,
     pub now: Arc<Mutex<Timestamp>>,
 }
@@ -417,9 +423,12 @@ impl Harness {
         }
     }
 
+    /// The Deployment cache now holds `deployment`, as its watch would have read it.
     pub fn set_deployment(&mut self, deployment: Deployment) {
+        let mut cached = cached_deployment(&deployment);
+        crate::controller::keep_what_track_state_reads(&mut cached);
         self.deployments
-            .apply_watcher_event(&watcher::Event::Apply(deployment));
+            .apply_watcher_event(&watcher::Event::Apply(cached));
     }
 
     pub fn set_time(&self, now: Timestamp) {

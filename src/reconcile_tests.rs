@@ -504,23 +504,37 @@ async fn each_step_is_an_event_of_its_own_not_a_series_showing_the_first_steps_n
 }
 
 #[test]
-fn the_deployment_cache_drops_only_what_the_decision_does_not_read() {
+fn the_deployment_cache_keeps_what_the_decision_reads_from_the_api_servers_json() {
     let v2 = ChatRelease::test("v2");
     let mut full = deployment(&v2, Track::Canary, 2, 1);
     full.metadata.managed_fields = Some(vec![Default::default()]);
-    let mut cached = full.clone();
+    let mut cached = crate::fixtures::cached_deployment(&full);
     crate::controller::keep_what_track_state_reads(&mut cached);
     assert_eq!(
         crate::workload::track_state(&cached),
-        crate::workload::track_state(&full)
+        crate::workload::track_state(&crate::workload::TrackDeployment::of(&full))
+    );
+    assert_eq!(
+        crate::workload::track_state(&cached),
+        crate::rollout::TrackState {
+            revision: Some(v2.revision()),
+            replicas: 2,
+            total_replicas: 2,
+            ready_replicas: 1,
+            updated_replicas: 2,
+            observed: true,
+        }
     );
     assert!(cached.metadata.managed_fields.is_none());
+    assert!(
+        cached.metadata.owner_references.is_some(),
+        "owners are woken by it"
+    );
     assert_eq!(
         crate::workload::live_fingerprint(&cached),
-        crate::workload::live_fingerprint(&full),
+        Some(crate::workload::fingerprint(&v2.spec.template)),
         "hand edits of the pod spec stay visible"
     );
-    assert!(cached.spec.expect("spec").template.spec.is_none());
 }
 
 #[tokio::test]
@@ -538,7 +552,6 @@ async fn a_pod_template_edited_by_hand_is_put_back() {
         .and_then(|s| s.template.spec.as_mut())
         .expect("pod spec");
     pod.containers[0].image = Some("evil:1".into());
-    crate::controller::keep_what_track_state_reads(&mut edited);
     h.set_deployment(edited);
 
     h.reconcile().await;

@@ -5,10 +5,11 @@ use crate::annotations::{LABEL_MANAGED_BY, LABEL_NAME, LABEL_REVISION, LABEL_TRA
 use crate::crd::ChatRelease;
 use crate::rollout::TrackState;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{PodTemplateSpec, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 
@@ -41,9 +42,97 @@ pub fn revision_of(template: &PodTemplateSpec) -> String {
     digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Annotation the operator's Deployment cache puts on each cached Deployment (in memory only) in
-/// place of the pod spec it drops: the [`fingerprint`] of the live pod template.
-pub const CACHED_FINGERPRINT: &str = "chatrelease.io/cached-template-fingerprint";
+/// A track's Deployment as the operator caches it and reads it live: what [`track_state`], the
+/// hand-edit check and the cache's freshness check read, and nothing else. It is deserialized
+/// straight from the API server's answers, the pod spec read only to be fingerprinted, so neither
+/// the pod spec nor the rest of a Deployment is ever kept: a k8s-openapi `Deployment` took 5.6 kB
+/// of heap even with its pod spec dropped, because its structs hold every field inline.
+#[derive(kube::Resource, Deserialize, Clone, Debug, Default, PartialEq)]
+#[resource(inherit = Deployment)]
+pub struct TrackDeployment {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: TrackDeploymentSpec,
+    #[serde(default)]
+    pub status: TrackDeploymentStatus,
+}
+
+#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackDeploymentSpec {
+    pub replicas: Option<i32>,
+    #[serde(default)]
+    pub template: TrackTemplate,
+}
+
+#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct TrackTemplate {
+    /// The pod template's `chatrelease.io/revision` label.
+    #[serde(default, rename = "metadata", deserialize_with = "revision_label")]
+    pub revision: Option<String>,
+    /// The [`fingerprint`] of the pod template.
+    #[serde(default, rename = "spec", deserialize_with = "pod_spec_fingerprint")]
+    pub fingerprint: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackDeploymentStatus {
+    pub observed_generation: Option<i64>,
+    pub replicas: Option<i32>,
+    pub ready_replicas: Option<i32>,
+    pub updated_replicas: Option<i32>,
+}
+
+fn revision_label<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    let meta = Option::<ObjectMeta>::deserialize(deserializer)?;
+    Ok(meta
+        .and_then(|m| m.labels)
+        .and_then(|mut labels| labels.remove(LABEL_REVISION)))
+}
+
+fn pod_spec_fingerprint<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    let spec = Option::<PodSpec>::deserialize(deserializer)?;
+    Ok(spec.map(|spec| {
+        fingerprint(&PodTemplateSpec {
+            metadata: None,
+            spec: Some(spec),
+        })
+    }))
+}
+
+impl TrackDeployment {
+    /// What the cache keeps of a Deployment the operator holds whole (tests, its own writes).
+    pub fn of(deployment: &Deployment) -> Self {
+        let spec = deployment.spec.as_ref();
+        let status = deployment.status.as_ref();
+        Self {
+            metadata: deployment.metadata.clone(),
+            spec: TrackDeploymentSpec {
+                replicas: spec.and_then(|s| s.replicas),
+                template: TrackTemplate {
+                    revision: spec
+                        .and_then(|s| s.template.metadata.as_ref())
+                        .and_then(|m| m.labels.as_ref())
+                        .and_then(|l| l.get(LABEL_REVISION).cloned()),
+                    fingerprint: spec
+                        .filter(|s| s.template.spec.is_some())
+                        .map(|s| fingerprint(&s.template)),
+                },
+            },
+            status: TrackDeploymentStatus {
+                observed_generation: status.and_then(|s| s.observed_generation),
+                replicas: status.and_then(|s| s.replicas),
+                ready_replicas: status.and_then(|s| s.ready_replicas),
+                updated_replicas: status.and_then(|s| s.updated_replicas),
+            },
+        }
+    }
+}
 
 /// What a hand edit of a track's pod template changes and the operator would put back: each
 /// container's name, image, command, args and env values, read the way the API server stores
@@ -88,14 +177,9 @@ pub fn fingerprint(template: &PodTemplateSpec) -> String {
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// The fingerprint of a live Deployment's pod template: from its pod spec, or from the cache's
-/// annotation when the cache dropped the spec.
-pub fn live_fingerprint(deployment: &Deployment) -> Option<String> {
-    let template = &deployment.spec.as_ref()?.template;
-    if template.spec.is_some() {
-        return Some(fingerprint(template));
-    }
-    deployment.annotations().get(CACHED_FINGERPRINT).cloned()
+/// The fingerprint of a live Deployment's pod template.
+pub fn live_fingerprint(deployment: &TrackDeployment) -> Option<String> {
+    deployment.spec.template.fingerprint.clone()
 }
 
 /// The images a template runs, comma-separated, for status and `kubectl get`.
@@ -205,20 +289,16 @@ pub fn service(release: &ChatRelease) -> Service {
 }
 
 /// How a live Deployment reads for the decision.
-pub fn track_state(deployment: &Deployment) -> TrackState {
-    let spec = deployment.spec.as_ref();
-    let status = deployment.status.as_ref();
+pub fn track_state(deployment: &TrackDeployment) -> TrackState {
+    let (spec, status) = (&deployment.spec, &deployment.status);
     let generation = deployment.metadata.generation.unwrap_or(0);
     TrackState {
-        revision: spec
-            .and_then(|s| s.template.metadata.as_ref())
-            .and_then(|m| m.labels.as_ref())
-            .and_then(|l| l.get(LABEL_REVISION).cloned()),
-        replicas: spec.and_then(|s| s.replicas).unwrap_or(1),
-        total_replicas: status.and_then(|s| s.replicas).unwrap_or(0),
-        ready_replicas: status.and_then(|s| s.ready_replicas).unwrap_or(0),
-        updated_replicas: status.and_then(|s| s.updated_replicas).unwrap_or(0),
-        observed: status.and_then(|s| s.observed_generation).unwrap_or(0) >= generation,
+        revision: spec.template.revision.clone(),
+        replicas: spec.replicas.unwrap_or(1),
+        total_replicas: status.replicas.unwrap_or(0),
+        ready_replicas: status.ready_replicas.unwrap_or(0),
+        updated_replicas: status.updated_replicas.unwrap_or(0),
+        observed: status.observed_generation.unwrap_or(0) >= generation,
     }
 }
 
