@@ -1161,24 +1161,25 @@ async fn zb_an_otel_source_canary_is_judged_from_the_apps_histogram_and_promoted
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn zh_an_otel_source_canary_answering_5xx_is_rolled_back() {
     run("otel-source-5xx", Needs::Operator, LIMIT, async |t| {
-        let good = Release::version("v1").source("otel");
-        let bad = Release::version("v2")
-            .source("otel")
-            .env(SIM_ERROR_RATE, "0.3");
-        a_canary_failing_a_check_is_rolled_back(t, good, bad, "error-rate").await;
+        a_canary_answering_5xx_is_rolled_back_by_its_source(t, "otel").await;
     })
     .await;
+}
+
+/// A canary of a ChatRelease reading `analysis.source` that answers 30% 5xx fails error-rate.
+async fn a_canary_answering_5xx_is_rolled_back_by_its_source(t: &TestEnv, source: &str) {
+    let good = Release::version("v1").source(source);
+    let bad = Release::version("v2")
+        .source(source)
+        .env(SIM_ERROR_RATE, "0.3");
+    a_canary_failing_a_check_is_rolled_back(t, good, bad, "error-rate").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "end-to-end: needs the local control plane; run with `make e2e`"]
 async fn zc_an_istio_waypoint_source_canary_answering_5xx_is_rolled_back() {
     run("waypoint-source", Needs::Operator, LIMIT, async |t| {
-        let good = Release::version("v1").source("istio-waypoint");
-        let bad = Release::version("v2")
-            .source("istio-waypoint")
-            .env(SIM_ERROR_RATE, "0.3");
-        a_canary_failing_a_check_is_rolled_back(t, good, bad, "error-rate").await;
+        a_canary_answering_5xx_is_rolled_back_by_its_source(t, "istio-waypoint").await;
     })
     .await;
 }

@@ -323,9 +323,16 @@ fn every_source(t: f64) -> String {
 
 const SOURCES_NAMESPACE: &str = "sources";
 
-#[tokio::test]
-#[ignore = "starts a real Prometheus: make e2e"]
-async fn waypoint_and_otel_sources_read_their_own_series_and_the_same_numbers() {
+/// A real Prometheus scraping an exporter of `exposition(seconds since the start)` every second,
+/// and `at`, an instant two windows after the start that has been scraped. Dropping it stops both.
+struct Scraped {
+    address: String,
+    at: i64,
+    _prometheus: Prometheus,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn scraping(exposition: fn(f64) -> String) -> Scraped {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let exporter = listener.local_addr().expect("address").to_string();
     let started = unix_now();
@@ -334,7 +341,7 @@ async fn waypoint_and_otel_sources_read_their_own_series_and_the_same_numbers() 
         listener,
         move |_, uri: &hyper::Uri| {
             if uri.path() == "/metrics" {
-                let body = every_source(unix_now() - started);
+                let body = exposition(unix_now() - started);
                 reply(StatusCode::OK, "text/plain; version=0.0.4", body)
             } else {
                 reply(StatusCode::NOT_FOUND, "text/plain", String::new())
@@ -344,13 +351,30 @@ async fn waypoint_and_otel_sources_read_their_own_series_and_the_same_numbers() 
             let _ = stopped.await;
         },
     ));
-    let (_prometheus, address) = start_prometheus(&exporter).await;
-    // Every series has history before the window: the increase() branch speaks.
+    let (prometheus, address) = start_prometheus(&exporter).await;
     let at = (unix_now() + 3.0 + 2.0 * WINDOW.as_secs_f64()).ceil() as i64;
     tokio::time::sleep(Duration::from_secs_f64(
         (at as f64 + 1.5 - unix_now()).max(0.0),
     ))
     .await;
+    Scraped {
+        address,
+        at,
+        _prometheus: prometheus,
+        _stop: stop,
+    }
+}
+
+#[tokio::test]
+#[ignore = "starts a real Prometheus: make e2e"]
+async fn waypoint_and_otel_sources_read_their_own_series_and_the_same_numbers() {
+    // Every series has history before the window: the increase() branch speaks.
+    let Scraped {
+        address,
+        at,
+        _prometheus,
+        _stop,
+    } = scraping(every_source).await;
 
     let window = WINDOW.as_secs_f64();
     for source in [RequestSource::IstioWaypoint, RequestSource::Otel] {
@@ -430,7 +454,6 @@ async fn waypoint_and_otel_sources_read_their_own_series_and_the_same_numbers() 
             "{source:?}: {stable:?}"
         );
     }
-    let _ = stop.send(());
 }
 
 const CHECKS_NAMESPACE: &str = "checks";
@@ -532,30 +555,13 @@ async fn every_built_in_check_reads_its_tracks_value_from_the_simulators_series(
     use chatrelease::crd::{BuiltinCheck, ChatReleaseSpec};
     use chatrelease::settings::Settings;
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let exporter = listener.local_addr().expect("address").to_string();
-    let started = unix_now();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve_http(
-        listener,
-        move |_, uri: &hyper::Uri| {
-            if uri.path() == "/metrics" {
-                let body = builtin_series(unix_now() - started);
-                reply(StatusCode::OK, "text/plain; version=0.0.4", body)
-            } else {
-                reply(StatusCode::NOT_FOUND, "text/plain", String::new())
-            }
-        },
-        async {
-            let _ = stopped.await;
-        },
-    ));
-    let (_prometheus, address) = start_prometheus(&exporter).await;
-    let at = (unix_now() + 3.0 + 2.0 * WINDOW.as_secs_f64()).ceil() as i64;
-    tokio::time::sleep(Duration::from_secs_f64(
-        (at as f64 + 1.5 - unix_now()).max(0.0),
-    ))
-    .await;
+    // Every series has history before the window: the increase() branch speaks.
+    let Scraped {
+        address,
+        at,
+        _prometheus,
+        _stop,
+    } = scraping(builtin_series).await;
 
     // What each check must read, canary and stable, with both flavors and every source where
     // they matter: each spec names every check once with no PromQL of its own.
@@ -639,5 +645,4 @@ async fn every_built_in_check_reads_its_tracks_value_from_the_simulators_series(
         }
     }
     assert_eq!(runs, 3 * 2 * BuiltinCheck::ALL.len());
-    let _ = stop.send(());
 }
