@@ -10,12 +10,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// mimalloc gives memory back to the system soon after it is freed, where glibc's allocator kept
-/// the high-water mark of every list and burst of JSON: `make bench` with 500 ChatReleases
-/// measured the resident memory per release with each.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     version,
