@@ -1113,7 +1113,9 @@ impl TrafficRouter for GatewayApiRouter {
             let namespace = super::namespace_of(release)?;
             for track in [Track::Stable, Track::Canary] {
                 let service = track_service(release, track);
-                super::apply(&self.client, &self.applied, &namespace, &service).await?;
+                self.applied
+                    .apply(&self.client, &namespace, &service)
+                    .await?;
             }
             Ok(())
         })
@@ -1128,8 +1130,10 @@ impl TrafficRouter for GatewayApiRouter {
             let namespace = super::namespace_of(release)?;
             let route = http_route(release, &attachment_of(release), routes)?;
             super::log_split(release, &namespace, routes);
-            super::apply(&self.client, &self.applied, &namespace, &route)
+            self.applied
+                .apply(&self.client, &namespace, &route)
                 .await
+                .map(|_sent| ())
                 .map_err(|error| {
                     super::unavailable_when_unknown(error, "gatewayAPI", HTTPROUTE_CRD)
                 })

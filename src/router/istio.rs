@@ -358,8 +358,10 @@ impl TrafficRouter for IstioRouter {
             let namespace = super::namespace_of(release)?;
             let rule = destination_rule(release);
             tracing::debug!(release = %release.name_any(), %namespace, "applying DestinationRule");
-            super::apply(&self.client, &self.applied, &namespace, &rule)
+            self.applied
+                .apply(&self.client, &namespace, &rule)
                 .await
+                .map(|_sent| ())
                 .map_err(|error| super::unavailable_when_unknown(error, "istio", ISTIO_CRDS))
         })
     }
@@ -373,8 +375,10 @@ impl TrafficRouter for IstioRouter {
             let namespace = super::namespace_of(release)?;
             let service = virtual_service(release, routes);
             super::log_split(release, &namespace, routes);
-            super::apply(&self.client, &self.applied, &namespace, &service)
+            self.applied
+                .apply(&self.client, &namespace, &service)
                 .await
+                .map(|_sent| ())
                 .map_err(|error| super::unavailable_when_unknown(error, "istio", ISTIO_CRDS))
         })
     }

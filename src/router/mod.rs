@@ -145,24 +145,6 @@ fn namespace_of(release: &ChatRelease) -> Result<String, Error> {
     })
 }
 
-/// Server-side applies `object` as the operator's field manager, in one request, unless it is
-/// unchanged since our last apply ([`Applied`]).
-async fn apply<K>(
-    client: &kube::Client,
-    applied: &Applied,
-    namespace: &str,
-    object: &K,
-) -> Result<(), Error>
-where
-    K: Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::Serialize
-        + serde::de::DeserializeOwned,
-{
-    applied.apply(client, namespace, object).await.map(|_| ())
-}
-
 /// Deletes `name` if it is there; gone already is done.
 async fn delete_owned<K>(client: &kube::Client, namespace: &str, name: &str) -> Result<(), Error>
 where
