@@ -876,3 +876,36 @@ async fn a_healthy_canary_is_looked_at_no_more_than_every_watch_every_and_only_t
         "no analysis before the interval"
     );
 }
+
+#[tokio::test]
+async fn the_chatrelease_is_read_again_only_when_the_cache_does_not_show_our_last_write() {
+    let v1 = ChatRelease::test("v1");
+    let v2 = ChatRelease::test("v2");
+    let h = running_canary(&v1, &v2, 0, t0() + SignedDuration::from_secs(65));
+    h.server.release.lock().unwrap().metadata.resource_version = Some("7".into());
+    let reads = |h: &Harness| {
+        h.server
+            .calls()
+            .iter()
+            .filter(|c| c.is("GET", "/chatreleases/"))
+            .count()
+    };
+
+    // Nothing written yet: read; the analysis's status write leaves the object at "7".
+    h.reconcile().await;
+    assert_eq!(reads(&h), 1);
+    assert!(
+        !h.server.status_writes().is_empty(),
+        "the analysis wrote status"
+    );
+
+    // A cache at our own last write is current: no read.
+    h.reconcile_from_cache(h.stored()).await;
+    assert_eq!(reads(&h), 0);
+
+    // A cache behind it is not.
+    let mut behind = h.stored();
+    behind.metadata.resource_version = Some("6".into());
+    h.reconcile_from_cache(behind).await;
+    assert_eq!(reads(&h), 1);
+}
