@@ -14,6 +14,11 @@ pub const LABEL_REVISION: &str = "chatrelease.io/revision";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const MANAGER: &str = "chatrelease-operator";
 
+/// Whether `key` is one of the annotations that steer a ChatRelease.
+pub fn is_command(key: &str) -> bool {
+    Command::ALL.iter().any(|c| c.annotation() == key)
+}
+
 /// A request a person made through an annotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Command {

@@ -200,8 +200,14 @@ impl CanaryWatch {
     ) -> Vec<(Group, Vec<Member>, Duration)> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut groups: HashMap<Group, Vec<Member>> = HashMap::new();
+        let mut canaries = std::collections::HashSet::new();
         for release in releases {
+            // Most releases are Stable: they cost the watch nothing, not even a settings entry.
+            let Some(step) = watched_step(release) else {
+                continue;
+            };
             let key = ObjectRef::from_obj(release.as_ref());
+            canaries.insert(key.clone());
             let generation = release.metadata.generation;
             let watched = match state.settings.get(&key) {
                 Some((seen, watched)) if *seen == generation => watched.clone(),
@@ -213,7 +219,7 @@ impl CanaryWatch {
                     watched
                 }
             };
-            let (Some(watched), Some(step)) = (watched, watched_step(release)) else {
+            let Some(watched) = watched else {
                 continue;
             };
             groups.entry(watched.group).or_default().push(Member {
@@ -224,11 +230,7 @@ impl CanaryWatch {
                 judge: watched.judge,
             });
         }
-        let present: std::collections::HashSet<ObjectRef<ChatRelease>> = releases
-            .iter()
-            .map(|r| ObjectRef::from_obj(r.as_ref()))
-            .collect();
-        state.settings.retain(|key, _| present.contains(key));
+        state.settings.retain(|key, _| canaries.contains(key));
         let watching: std::collections::HashSet<&ObjectRef<ChatRelease>> =
             groups.values().flatten().map(|m| &m.key).collect();
         state.counts.retain(|key, _| watching.contains(key));

@@ -54,7 +54,10 @@ pub struct Context {
     pub deployments: Store<TrackDeployment>,
     pub router: Arc<Routers>,
     pub metrics: Arc<dyn MetricsSource>,
+    /// Publishes warnings, and folds a warning repeated with the same note into one series.
     pub recorder: Recorder,
+    /// Who publishes the notices, each through a recorder of its own (see [`publish`]).
+    pub reporter: Reporter,
     /// Prometheus address for ChatReleases that name none.
     pub default_prometheus: String,
     pub clock: Clock,
@@ -146,7 +149,8 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             deployments,
             router,
@@ -334,14 +338,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The ChatRelease cache feeds the controller's queue and the sequential watch; each reconcile
-/// reads its ChatRelease afresh. Managed fields and kubectl's copy of the last applied object
-/// are dropped: together often bigger than the spec itself.
+/// The ChatRelease cache feeds the controller's queue and the sequential watch, and a reconcile
+/// decides from it when it shows our own last status write. Of the metadata it keeps what those
+/// read: identity, generation, and the command annotations. Managed fields, kubectl's copy of the
+/// last applied object, and the labels and annotations other tools add (Helm's, Argo CD's) go:
+/// together they are often bigger than the spec itself, and no decision reads them.
 fn keep_what_the_watch_reads(release: &mut ChatRelease) {
-    release.metadata.managed_fields = None;
-    release
-        .annotations_mut()
-        .remove("kubectl.kubernetes.io/last-applied-configuration");
+    let meta = &mut release.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|key, _| crate::annotations::is_command(key));
+    }
+    if meta.annotations.as_ref().is_some_and(|a| a.is_empty()) {
+        meta.annotations = None;
+    }
 }
 
 /// Whether the API server serves `plural` in `group_version` (its CRD is installed).
@@ -466,7 +477,7 @@ async fn reconcile_inner(
 
     let world = World {
         generation: release.metadata.generation,
-        desired_revision: workload::revision_of(&release.spec.template),
+        desired_revision: release.spec.template.revision(),
         desired_image: workload::image_of(&release.spec.template),
         stable: deployment(ctx, &namespace, &name, Track::Stable)
             .await?
@@ -787,14 +798,15 @@ async fn apply_track(
     match plan {
         TrackPlan::Keep => Ok(()),
         TrackPlan::ApplyTemplate { replicas } => {
-            let revision = workload::revision_of(&release.spec.template);
+            let revision = release.spec.template.revision();
             let up_to_date = live_state.as_ref().is_some_and(|s| {
                 s.revision.as_deref() == Some(revision.as_str()) && s.replicas == replicas
             });
             // Same revision label, other containers: edited by hand (`kubectl set image`). The
             // analysed template must be the one that runs, and the one promoted.
             let edited = live.as_deref().is_some_and(|d| {
-                workload::live_fingerprint(d) != Some(workload::fingerprint(&release.spec.template))
+                workload::live_fingerprint(d)
+                    != Some(workload::fingerprint(&release.spec.template.spec()))
             });
             if up_to_date && !edited {
                 return Ok(());
@@ -954,7 +966,19 @@ fn event_action(note: &str) -> String {
 }
 
 /// Events are best effort: failing to record one must not stop a rollback.
-async fn publish(ctx: &Context, release: &ChatRelease, warning: bool, reason: &str, note: &str) {
+///
+/// kube's Recorder keeps each Event it published for six minutes (until its next publish after
+/// that), to fold a repeat into a series. A warning does repeat (the same trouble found again at
+/// each analysis), so warnings share `ctx.recorder`. A notice (a step, a promotion) does not:
+/// each goes through a recorder of its own, dropped with its copy. At a thousand releases the
+/// shared recorder's copies of notices took more memory than the releases themselves.
+pub(crate) async fn publish(
+    ctx: &Context,
+    release: &ChatRelease,
+    warning: bool,
+    reason: &str,
+    note: &str,
+) {
     let event = Event {
         type_: if warning {
             EventType::Warning
@@ -966,15 +990,25 @@ async fn publish(ctx: &Context, release: &ChatRelease, warning: bool, reason: &s
         action: event_action(note),
         secondary: None,
     };
-    if let Err(error) = ctx.recorder.publish(&event, &release.object_ref(&())).await {
+    let notice_recorder;
+    let recorder = if warning {
+        &ctx.recorder
+    } else {
+        notice_recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+        &notice_recorder
+    };
+    if let Err(error) = recorder.publish(&event, &release.object_ref(&())).await {
         warn!(%error, reason, "could not record Event");
     }
 }
 
 #[cfg(test)]
 mod cache_tests {
-    use super::cache_may_be_behind;
+    use super::{cache_may_be_behind, keep_what_the_watch_reads};
+    use crate::annotations::Commands;
+    use crate::crd::ChatRelease;
     use crate::workload::TrackDeployment;
+    use kube::ResourceExt;
     use serde_json::json;
 
     fn cached(generation: i64, observed: i64) -> TrackDeployment {
@@ -1001,5 +1035,55 @@ mod cache_tests {
     #[test]
     fn a_spec_the_deployment_controller_has_not_reported_on_is_read_live() {
         assert!(cache_may_be_behind(Some(&cached(3, 2)), None));
+    }
+
+    #[test]
+    fn the_release_cache_keeps_identity_spec_status_and_commands_only() {
+        let mut full = ChatRelease::test("v2");
+        full.metadata.resource_version = Some("41".into());
+        full.metadata.generation = Some(3);
+        full.metadata.managed_fields = Some(vec![Default::default()]);
+        full.metadata.labels = Some([("helm.sh/chart".into(), "chat-1.2.0".into())].into());
+        full.metadata.annotations = Some(
+            [
+                ("kubectl.kubernetes.io/last-applied-configuration", "{...}"),
+                ("meta.helm.sh/release-name", "chat"),
+                (crate::annotations::ROLLBACK, "true"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into(),
+        );
+        let mut cached = full.clone();
+        keep_what_the_watch_reads(&mut cached);
+
+        assert_eq!(
+            (cached.spec, cached.status),
+            (full.spec.clone(), full.status.clone())
+        );
+        let meta = &cached.metadata;
+        assert_eq!(
+            (&meta.name, &meta.namespace, &meta.uid),
+            (
+                &full.metadata.name,
+                &full.metadata.namespace,
+                &full.metadata.uid
+            )
+        );
+        assert_eq!(
+            (meta.generation, meta.resource_version.as_deref()),
+            (Some(3), Some("41"))
+        );
+        assert_eq!(
+            Commands::from_annotations(cached.metadata.annotations.as_ref().unwrap()),
+            Commands::from_annotations(full.annotations()),
+            "a command set on the release is still seen"
+        );
+        assert_eq!(meta.annotations.as_ref().map(|a| a.len()), Some(1));
+        assert!(meta.labels.is_none() && meta.managed_fields.is_none());
+
+        let mut plain = ChatRelease::test("v2");
+        plain.metadata.annotations = Some([("note".into(), "x".into())].into());
+        keep_what_the_watch_reads(&mut plain);
+        assert!(plain.metadata.annotations.is_none());
     }
 }

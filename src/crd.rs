@@ -2,7 +2,7 @@
 //! (status). Durations and percentages stay strings here so that a malformed value never stops the
 //! object from deserialising; `settings.rs` turns them into typed values and names the bad field.
 
-use k8s_openapi::api::core::v1::PodTemplateSpec;
+pub use crate::pod_template::PodTemplate;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -62,7 +62,7 @@ pub struct ChatReleaseSpec {
     /// The pod template to release. Changing it starts a canary.
     #[x_kube(validation = kube::core::Rule::new("has(self.spec) && size(self.spec.containers) > 0")
         .message("template.spec.containers must list at least one container"))]
-    pub template: PodTemplateSpec,
+    pub template: PodTemplate,
 
     /// The Service in front of both tracks.
     #[serde(default)]

@@ -58,7 +58,7 @@ impl ChatRelease {
     }
 
     pub fn revision(&self) -> String {
-        workload::revision_of(&self.spec.template)
+        self.spec.template.revision()
     }
 }
 

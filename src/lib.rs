@@ -18,6 +18,7 @@ pub mod judge;
 pub mod leader;
 pub mod logging;
 pub mod metrics;
+pub mod pod_template;
 pub mod prometheus;
 #[cfg(test)]
 mod reconcile_tests;

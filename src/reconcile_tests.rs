@@ -478,6 +478,27 @@ async fn while_stable_is_promoted_users_with_the_old_stable_cookie_follow_the_sp
 }
 
 #[tokio::test]
+async fn a_repeated_warning_is_folded_into_a_series_and_notices_are_kept_by_no_one() {
+    let v1 = ChatRelease::test("v1");
+    let h = Harness::new(&v1, t0());
+    let methods = |reason: &str| -> Vec<String> {
+        h.server
+            .calls()
+            .into_iter()
+            .filter(|c| c.uri.contains("/events") && c.body["reason"] == reason)
+            .map(|c| c.method)
+            .collect()
+    };
+    for _ in 0..2 {
+        crate::controller::publish(&h.ctx, &v1, true, "AnalysisInconclusive", "no traffic").await;
+        crate::controller::publish(&h.ctx, &v1, false, "Retry", "retrying v1").await;
+    }
+    assert_eq!(methods("AnalysisInconclusive"), ["POST", "PATCH"]);
+    // The same note again is a new Event: no recorder held the first one.
+    assert_eq!(methods("Retry"), ["POST", "POST"]);
+}
+
+#[tokio::test]
 async fn each_step_is_an_event_of_its_own_not_a_series_showing_the_first_steps_note() {
     let v1 = ChatRelease::test("v1");
     let v2 = ChatRelease::test("v2");
@@ -532,7 +553,7 @@ fn the_deployment_cache_keeps_what_the_decision_reads_from_the_api_servers_json(
     );
     assert_eq!(
         crate::workload::live_fingerprint(&cached),
-        Some(crate::workload::fingerprint(&v2.spec.template)),
+        Some(crate::workload::fingerprint(&v2.spec.template.spec())),
         "hand edits of the pod spec stay visible"
     );
 }

@@ -84,8 +84,8 @@ impl Settings {
         }
         let has_containers = spec
             .template
+            .spec()
             .spec
-            .as_ref()
             .is_some_and(|pod| !pod.containers.is_empty());
         if !has_containers {
             return Err(SpecError::new(
@@ -762,7 +762,9 @@ mod tests {
     #[test]
     fn no_containers_is_refused() {
         let mut s = spec();
-        s.template.spec.as_mut().unwrap().containers.clear();
+        let mut template = s.template.spec();
+        template.spec.as_mut().unwrap().containers.clear();
+        s.template = template.into();
         assert_eq!(
             Settings::from_spec(&s).unwrap_err().field,
             "template.spec.containers"

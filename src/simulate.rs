@@ -197,7 +197,7 @@ pub fn run(scenario: &Scenario) -> Result<Vec<TickOutcome>, ScenarioError> {
     let spec = &scenario.release.spec;
     let settings = Settings::from_spec(spec)
         .map_err(|e| ScenarioError::at(format!("release.spec.{}", e.field), e.problem))?;
-    let canary_revision = workload::revision_of(&spec.template);
+    let canary_revision = spec.template.revision();
     let image = workload::image_of(&spec.template);
     let start = Timestamp::UNIX_EPOCH;
     let interval = SignedDuration::try_from(settings.interval).unwrap_or(SignedDuration::MAX);

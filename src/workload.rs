@@ -2,7 +2,7 @@
 //! how a Deployment's state reads for the rollout decision.
 
 use crate::annotations::{LABEL_MANAGED_BY, LABEL_NAME, LABEL_REVISION, LABEL_TRACK, MANAGER};
-use crate::crd::ChatRelease;
+use crate::crd::{ChatRelease, PodTemplate};
 use crate::rollout::TrackState;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec};
@@ -32,14 +32,6 @@ impl Track {
     pub fn workload_name(self, release: &str) -> String {
         format!("{release}-{}", self.as_str())
     }
-}
-
-/// Hash of a pod template: the revision a track runs. Short, stable across operator versions.
-pub fn revision_of(template: &PodTemplateSpec) -> String {
-    // serde_json writes struct fields in declaration order and maps sorted: stable bytes.
-    let bytes = serde_json::to_vec(template).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
-    digest.iter().take(5).map(|b| format!("{b:02x}")).collect()
 }
 
 /// A track's Deployment as the operator caches it and reads it live: what [`track_state`], the
@@ -183,8 +175,9 @@ pub fn live_fingerprint(deployment: &TrackDeployment) -> Option<String> {
 }
 
 /// The images a template runs, comma-separated, for status and `kubectl get`.
-pub fn image_of(template: &PodTemplateSpec) -> String {
+pub fn image_of(template: &PodTemplate) -> String {
     template
+        .spec()
         .spec
         .as_ref()
         .map(|pod| {
@@ -223,11 +216,11 @@ pub fn selector_labels(release: &ChatRelease, track: Track) -> BTreeMap<String, 
 pub fn deployment(
     release: &ChatRelease,
     track: Track,
-    template: &PodTemplateSpec,
+    template: &PodTemplate,
     revision: &str,
     replicas: i32,
 ) -> Deployment {
-    let mut template = template.clone();
+    let mut template = template.spec();
     let meta = template.metadata.get_or_insert_with(Default::default);
     let labels = meta.labels.get_or_insert_with(Default::default);
     labels.extend(selector_labels(release, track));
@@ -257,11 +250,11 @@ pub fn target_port(release: &ChatRelease) -> i32 {
     let spec = &release.spec;
     spec.service.target_port.unwrap_or_else(|| {
         spec.template
+            .spec()
             .spec
-            .as_ref()
-            .and_then(|pod| pod.containers.first())
-            .and_then(|c| c.ports.as_ref())
-            .and_then(|ports| ports.first())
+            .and_then(|pod| pod.containers.into_iter().next())
+            .and_then(|c| c.ports)
+            .and_then(|ports| ports.into_iter().next())
             .map_or(spec.service.port, |p| p.container_port)
     })
 }
@@ -322,12 +315,12 @@ mod tests {
     #[test]
     fn revision_changes_with_the_template_only() {
         let r = release();
-        let a = revision_of(&r.spec.template);
+        let a = r.spec.template.revision();
         assert_eq!(a.len(), 10);
-        assert_eq!(a, revision_of(&r.spec.template.clone()));
-        let mut t = r.spec.template.clone();
+        assert_eq!(a, r.spec.template.clone().revision());
+        let mut t = r.spec.template.spec();
         t.spec.as_mut().unwrap().containers[0].image = Some("lobehub/lobe-chat:v2".into());
-        assert_ne!(a, revision_of(&t));
+        assert_ne!(a, PodTemplate::from(t).revision());
     }
 
     #[test]

@@ -233,9 +233,9 @@ fn the_checks_example_judges_ttft_tokens_and_memory_without_promql() {
     let annotations = backend
         .spec
         .template
+        .spec()
         .metadata
-        .as_ref()
-        .and_then(|m| m.annotations.as_ref())
+        .and_then(|m| m.annotations)
         .expect("scrape annotations");
     assert_eq!(
         annotations.get("prometheus.io/scrape").map(String::as_str),
