@@ -171,6 +171,23 @@ impl Context {
     }
 }
 
+/// Requests the operator has in flight to the API server at once, at most.
+///
+/// kube's client speaks HTTP/1.1, one request per connection, and keeps an idle connection 90 s
+/// with its buffers. Unbounded, a burst (a template change across hundreds of releases) opened a
+/// connection per reconcile in flight: hundreds, each costing the operator kilobytes and the API
+/// server a TLS session, for a minute and a half after. Watches hold a slot only until their
+/// response starts. controller-runtime's client allows 20 requests a second, 30 in a burst.
+pub const API_CONCURRENCY: usize = 32;
+
+/// The client the operator talks to the API server with: kube's own, with at most
+/// [`API_CONCURRENCY`] requests in flight (the rest wait their turn in kube's request buffer).
+pub fn api_client(config: kube::Config) -> Result<Client, kube::Error> {
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&tower::limit::ConcurrencyLimitLayer::new(API_CONCURRENCY))
+        .build())
+}
+
 /// Runs the controller until a termination signal, over all namespaces or just `namespace`.
 pub async fn run(
     client: Client,

@@ -31,3 +31,46 @@ async fn a_kube_client_and_a_prometheus_client_start_in_one_process() {
         "{observed:?}"
     );
 }
+
+/// A burst of requests opens no more connections to the API server than the operator's limit:
+/// kube's client speaks HTTP/1.1 and would otherwise open one per request in flight.
+#[tokio::test]
+async fn a_burst_of_requests_opens_at_most_api_concurrency_connections() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counting = accepted.clone();
+    // An API server that takes every connection and never answers: each request holds its own.
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counting.fetch_add(1, Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let client = chatrelease::controller::api_client(kube::Config::new(url.parse().expect("URL")))
+        .expect("client builds");
+    let requests: Vec<_> = (0..100)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(3), client.apiserver_version()).await;
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        chatrelease::controller::API_CONCURRENCY,
+        "connections opened by 100 requests in flight"
+    );
+    for request in requests {
+        request.abort();
+    }
+    server.abort();
+}

@@ -90,7 +90,14 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = match kube::Client::try_default().await {
+    let client = match kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)
+    {
+        Ok(config) => controller::api_client(config),
+        Err(error) => Err(error),
+    };
+    let client = match client {
         Ok(client) => client,
         Err(error) => {
             tracing::error!(%error, "cannot connect to the Kubernetes API; check KUBECONFIG or the in-cluster service account");
