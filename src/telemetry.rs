@@ -266,53 +266,58 @@ fn action_label(action: Action) -> &'static str {
     }
 }
 
+/// A ChatRelease's namespace or name as a label value. Its series (a phase gauge for each phase,
+/// weight, counters, per-check values) are first created together from one `ReleaseLabels`, so
+/// they share the two strings instead of holding a copy each.
+type Shared = Arc<String>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 struct ReleaseLabels {
-    namespace: String,
-    name: String,
+    namespace: Shared,
+    name: Shared,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
-    namespace: String,
-    name: String,
+    namespace: Shared,
+    name: Shared,
     phase: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ValueLabels {
-    namespace: String,
-    name: String,
+    namespace: Shared,
+    name: Shared,
     check: String,
     track: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckVerdictLabels {
-    namespace: String,
-    name: String,
+    namespace: Shared,
+    name: Shared,
     check: String,
     verdict: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
-    namespace: String,
-    name: String,
+    namespace: Shared,
+    name: Shared,
     verdict: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ActionLabels {
-    namespace: String,
-    name: String,
+    namespace: Shared,
+    name: Shared,
     action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
-    namespace: String,
-    name: String,
+    namespace: Shared,
+    name: Shared,
     kind: &'static str,
 }
 
@@ -324,8 +329,8 @@ struct OutcomeLabels {
 impl ReleaseLabels {
     fn of(release: &ChatRelease) -> Self {
         Self {
-            namespace: release.namespace().unwrap_or_default(),
-            name: release.name_any(),
+            namespace: Arc::new(release.namespace().unwrap_or_default()),
+            name: Arc::new(release.name_any()),
         }
     }
 
@@ -528,8 +533,8 @@ impl Telemetry {
     /// last values would otherwise stay on dashboards until the operator restarts.
     pub fn forget(&self, namespace: &str, name: &str) {
         let release = ReleaseLabels {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            namespace: Arc::new(namespace.to_string()),
+            name: Arc::new(name.to_string()),
         };
         let seen = self.seen().remove(&release).unwrap_or_default();
         self.canary_weight.remove(&release);
