@@ -17,6 +17,7 @@ mod fixtures;
 pub mod judge;
 pub mod leader;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod pod_template;
 pub mod prometheus;

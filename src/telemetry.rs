@@ -425,6 +425,7 @@ pub struct Telemetry {
     query_duration: HistogramFamily<OutcomeLabels>,
     leader: Gauge,
     seen: Mutex<HashMap<ReleaseLabels, Seen>>,
+    reconciles: AtomicU64,
 }
 
 impl Default for Telemetry {
@@ -459,6 +460,7 @@ impl Telemetry {
             ),
             leader: Gauge::default(),
             seen: Mutex::new(HashMap::new()),
+            reconciles: AtomicU64::new(0),
         };
         let mut registry = Registry::default();
         let t = &telemetry;
@@ -487,6 +489,11 @@ impl Telemetry {
             registry,
             ..telemetry
         }
+    }
+
+    /// Reconciles finished so far: a sign of work done, for [`crate::memory`].
+    pub fn reconciles(&self) -> u64 {
+        self.reconciles.load(Ordering::Relaxed)
     }
 
     /// The OpenMetrics text exposition of every metric.
@@ -664,6 +671,7 @@ impl ReconcileObserver for Telemetry {
 
     fn reconciled(&self, release: &ChatRelease, decision: &Decision, took: Duration) {
         self.reconcile_duration.observe(took.as_secs_f64());
+        self.reconciles.fetch_add(1, Ordering::Relaxed);
         let labels = ReleaseLabels::of(release);
         self.record_status(&labels, &decision.status);
         self.record_action(&labels, decision.action);

@@ -120,6 +120,10 @@ async fn run(args: RunArgs) -> ExitCode {
     }
     tokio::spawn(readiness.ready_when_api_answers(client.clone()));
     tokio::spawn(telemetry.clone().follow_leadership(leadership.subscribe()));
+    let work = telemetry.clone();
+    tokio::spawn(chatrelease::memory::give_back_after_bursts(move || {
+        work.reconciles()
+    }));
 
     let router = Arc::new(Routers::new(client.clone()));
     let metrics = Arc::new(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench.sh STATE_DIR [N] — how the operator holds up with N ChatReleases (default 100) on the local
-# control plane: its resident memory idle, with N Stable releases and at its peak; how long the
+# control plane: its resident memory idle, with N Stable releases (right after the last became
+# Stable, and after a minute at rest, once freed memory has gone back) and at its peak; how long the
 # first apply of N releases takes to reach Stable; how long a template change of all N takes to
 # reach the first canary step; its CPU for each, and at rest (a minute with all N Stable, and a
 # minute with all N canaries at 5% under the sequential watch); the requests it sends the API
@@ -132,6 +133,7 @@ sleep 5
 stable_kb=$(rss_kb)
 say "all $N Stable in ${stable_s}s; ${REST_SECONDS}s at rest"
 read -r rest_stable_cpu rest_stable_api rest_stable_queries < <(at_rest)
+stable_rest_kb=$(rss_kb)
 say "changing every template"
 cpu0=$(cpu_s)
 releases "example.invalid/chat:v2" | k apply --server-side -f - >/dev/null
@@ -141,6 +143,7 @@ sleep 5
 canary_kb=$(rss_kb)
 say "all $N at 5% in ${canary_s}s; ${REST_SECONDS}s at rest under the sequential watch"
 read -r rest_canary_cpu rest_canary_api rest_canary_queries < <(at_rest)
+canary_rest_kb=$(rss_kb)
 peak_kb=$(hwm_kb)
 
 m=$(metrics)
@@ -160,9 +163,13 @@ echo
 echo "chatrelease-operator with $N ChatReleases (1 pod each; release build; no traffic, so analyses hold):"
 figure "resident memory, idle (no ChatRelease)" "$(mb "$idle_kb")"
 figure "resident memory, $N Stable" "$(mb "$stable_kb")"
+figure "  after a minute at rest" "$(mb "$stable_rest_kb")"
 figure "resident memory, $N canaries at 5%" "$(mb "$canary_kb")"
+figure "  after a minute at rest" "$(mb "$canary_rest_kb")"
 figure "resident memory, peak (VmHWM)" "$(mb "$peak_kb")"
-figure "memory per ChatRelease (Stable - idle) / N" "$(awk -v a="$stable_kb" -v b="$idle_kb" -v n="$N" 'BEGIN {printf "%.1f kB", (a - b) / n}')"
+per_release() { awk -v a="$1" -v b="$idle_kb" -v n="$N" 'BEGIN {printf "%.1f kB", (a - b) / n}'; }
+figure "memory per ChatRelease (Stable - idle) / N" "$(per_release "$stable_kb")"
+figure "  after a minute at rest" "$(per_release "$stable_rest_kb")"
 figure "first apply of $N to all Stable" "${stable_s}s, ${cpu_stable} s of CPU"
 figure "template change of $N to all at 5%" "${canary_s}s, ${cpu_canary} s of CPU"
 figure "CPU per transition (template change / N)" "$(awk -v c="$cpu_canary" -v n="$N" 'BEGIN {printf "%.1f ms", 1000 * c / n}')"
