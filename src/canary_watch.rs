@@ -206,7 +206,7 @@ impl CanaryWatch {
             let Some(step) = watched_step(release) else {
                 continue;
             };
-            let key = ObjectRef::from_obj(release.as_ref());
+            let key = release.key();
             canaries.insert(key.clone());
             let generation = release.metadata.generation;
             let watched = match state.settings.get(&key) {

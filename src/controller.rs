@@ -99,7 +99,7 @@ impl Context {
             return true;
         };
         canary_watch::Step::of(status)
-            .is_some_and(|step| watch.wants_a_close_look(&ObjectRef::from_obj(release), &step))
+            .is_some_and(|step| watch.wants_a_close_look(&release.key(), &step))
     }
 
     fn wrote(&self, release: &ChatRelease, now: &ChatRelease) {
@@ -108,8 +108,8 @@ impl Context {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         match now.metadata.resource_version.clone() {
-            Some(rv) => written.insert(ObjectRef::from_obj(release), rv),
-            None => written.remove(&ObjectRef::from_obj(release)),
+            Some(rv) => written.insert(release.key(), rv),
+            None => written.remove(&release.key()),
         };
     }
 
@@ -434,7 +434,7 @@ async fn reconcile_inner(
     let name = cached.name_any();
     // The watch cache can lag behind our own last status write; deciding from it could move the
     // weight backwards. Unless the cache already shows that write, a GET reads what we wrote.
-    let key = ObjectRef::from_obj(cached);
+    let key = cached.key();
     let fresh = if ctx.cache_shows_our_last_write(&key, cached) {
         cached.clone()
     } else {
@@ -526,7 +526,7 @@ async fn reconcile_inner(
             if observations.is_none()
                 && rollout::watch_due(&settings, &status, &world, now)
                 && ctx.wants_a_close_look(release, &status)
-                && ctx.watch_paced(ObjectRef::from_obj(release), now, every) =>
+                && ctx.watch_paced(release.key(), now, every) =>
         {
             // Every request since the step began; the error counts are all it weighs.
             let since_the_step = AnalysisTarget {
@@ -610,12 +610,7 @@ fn seed_watch(
     let Some(step) = canary_watch::Step::of(status) else {
         return;
     };
-    watch.seed(
-        ObjectRef::from_obj(release),
-        step,
-        canary.into(),
-        stable.into(),
-    );
+    watch.seed(release.key(), step, canary.into(), stable.into());
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

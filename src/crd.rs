@@ -81,6 +81,20 @@ pub struct ChatReleaseSpec {
     pub analysis: Analysis,
 }
 
+impl ChatRelease {
+    /// The release's namespace and name as the key of a per-release map. kube's
+    /// `ObjectRef::from_obj` also copies the uid and resourceVersion, which no lookup compares
+    /// and every entry would hold for nothing.
+    pub fn key(&self) -> kube::runtime::reflector::ObjectRef<ChatRelease> {
+        use kube::ResourceExt;
+        let key = kube::runtime::reflector::ObjectRef::new(&self.name_any());
+        match self.namespace() {
+            Some(namespace) => key.within(&namespace),
+            None => key,
+        }
+    }
+}
+
 fn default_replicas() -> i32 {
     2
 }
