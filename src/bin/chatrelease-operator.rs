@@ -90,15 +90,19 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let client = match kube::Config::infer()
+    // Two clients: the controller's bounds its requests in flight; the Lease's does not, so a
+    // burst of reconciles never makes a renewal wait its turn and lose the leadership.
+    let clients = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)
-    {
-        Ok(config) => controller::api_client(config),
-        Err(error) => Err(error),
-    };
-    let client = match client {
-        Ok(client) => client,
+        .and_then(|config| {
+            Ok((
+                controller::api_client(config.clone())?,
+                kube::Client::try_from(config)?,
+            ))
+        });
+    let (client, lease_client) = match clients {
+        Ok(clients) => clients,
         Err(error) => {
             tracing::error!(%error, "cannot connect to the Kubernetes API; check KUBECONFIG or the in-cluster service account");
             return ExitCode::FAILURE;
@@ -118,7 +122,7 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    tokio::spawn(readiness.ready_when_api_answers(client.clone()));
+    tokio::spawn(readiness.ready_when_api_answers(lease_client.clone()));
     tokio::spawn(telemetry.clone().follow_leadership(leadership.subscribe()));
     let work = telemetry.clone();
     tokio::spawn(chatrelease::memory::give_back_after_bursts(move || {
@@ -132,11 +136,11 @@ async fn run(args: RunArgs) -> ExitCode {
     );
     let prometheus_url = args.prometheus_url.clone();
     let ctx_client = client.clone();
-    let controller_client = client.clone();
+    let controller_client = client;
     let namespace = args.namespace.as_deref();
     let outcome = leadership
         .run_when_leader(
-            client,
+            lease_client,
             election.as_ref(),
             move || {
                 controller::run(controller_client, namespace, move |deployments| {
