@@ -364,12 +364,10 @@ fn keep_what_the_watch_reads(release: &mut ChatRelease) {
     let meta = &mut release.metadata;
     meta.managed_fields = None;
     meta.labels = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
+    meta.annotations = meta.annotations.take().and_then(|mut annotations| {
         annotations.retain(|key, _| crate::annotations::is_command(key));
-    }
-    if meta.annotations.as_ref().is_some_and(|a| a.is_empty()) {
-        meta.annotations = None;
-    }
+        (!annotations.is_empty()).then_some(annotations)
+    });
 }
 
 /// Whether the API server serves `plural` in `group_version` (its CRD is installed).
@@ -1002,14 +1000,15 @@ pub(crate) async fn publish(
         action: event_action(note),
         secondary: None,
     };
-    let notice_recorder;
-    let recorder = if warning {
-        &ctx.recorder
+    let regarding = release.object_ref(&());
+    let published = if warning {
+        ctx.recorder.publish(&event, &regarding).await
     } else {
-        notice_recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-        &notice_recorder
+        Recorder::new(ctx.client.clone(), ctx.reporter.clone())
+            .publish(&event, &regarding)
+            .await
     };
-    if let Err(error) = recorder.publish(&event, &release.object_ref(&())).await {
+    if let Err(error) = published {
         warn!(%error, reason, "could not record Event");
     }
 }
