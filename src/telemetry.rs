@@ -1188,6 +1188,15 @@ mod tests {
     }
 
     #[test]
+    fn reconciles_count_every_finished_reconcile_for_the_memory_trimmer() {
+        let telemetry = Telemetry::new();
+        assert_eq!(telemetry.reconciles(), 0);
+        observe(&telemetry, Action::None, mid_rollout_status());
+        observe(&telemetry, Action::Rollback, mid_rollout_status());
+        assert_eq!(telemetry.reconciles(), 2);
+    }
+
+    #[test]
     fn leadership_is_a_gauge_independent_of_readiness() {
         let telemetry = Telemetry::new();
         assert_line(&scraped(&telemetry), "chatrelease_leader 0");
